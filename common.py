@@ -1,0 +1,561 @@
+"""Method-agnostic pieces shared by rob_dino.py, rob_ibot.py, rob_msn.py, rob_swav.py and eval_linear.py:
+distributed set-up, data (ImageFolder / Fashion-MNIST / synthetic, multi-crop augmentation, loader), model
+builders and checkpoint I/O. Everything that defines a method (its head, loss, pairing, schedule and training
+step) lives in that method's own file."""
+import argparse
+import gzip
+import hashlib
+import math
+import os
+import random
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import datasets
+from torchvision.transforms import v2 as T
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------- distributed
+def init_distributed():
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR set, one or
+    many nodes), else run as a single process. NCCL on GPU, gloo on CPU. Returns (rank, world_size, device)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def log(*args):
+    """print() on rank 0 only (the other ranks stay quiet without touching builtins.print)."""
+    if is_main_process():
+        print(*args, flush=True)
+
+
+def all_reduce_mean(tensor):
+    """Mean of a tensor over all processes (identity in a single process)."""
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def mix_seed(*keys):
+    """A stable 63-bit seed from integers: the same keys give the same seed in every process and every run."""
+    digest = hashlib.blake2b(repr(tuple(int(k) for k in keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_everything(seed):
+    """Seed torch (CPU and CUDA) and Python's random module."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------- data
+class RandomGaussianBlur:
+    """PIL Gaussian blur with a radius drawn uniformly in `radius`, applied with probability p (torch RNG)."""
+
+    def __init__(self, p, radius=(0.1, 2.0)):
+        self.p, self.radius = p, radius
+
+    def __call__(self, img):
+        if self.p <= 0 or torch.rand(()) >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(*self.radius))))
+
+
+class MultiCropAugmentation:
+    """Multi-crop augmentation (DINO, iBOT, MSN and SwAV recipes): `global_crops_number` large crops and
+    `local_crops_number` small ones of one image, each with random-resized crop, flip, colour jitter,
+    grayscale, Gaussian blur and solarisation. Blur and solarise probabilities are given per crop kind as
+    (first global, other globals, locals). Returns a list of normalised float tensors, globals first."""
+
+    def __init__(self, global_crops_size=224, local_crops_size=96, global_crops_number=2, local_crops_number=8,
+                 global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), color_jitter=(0.4, 0.4, 0.2, 0.1),
+                 color_jitter_p=0.8, grayscale_p=0.2, blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2, 0.0),
+                 interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
+        self.global_crops_number, self.local_crops_number = global_crops_number, local_crops_number
+        interp = T.InterpolationMode(interpolation)
+
+        def crop_pipeline(size, scale, blur, solarize):
+            steps = [T.RandomResizedCrop(size, scale=scale, interpolation=interp), T.RandomHorizontalFlip(),
+                     T.RandomApply([T.ColorJitter(*color_jitter)], p=color_jitter_p), T.RandomGrayscale(grayscale_p),
+                     RandomGaussianBlur(blur)]
+            if solarize > 0:
+                steps.append(T.RandomSolarize(threshold=128, p=solarize))
+            steps += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+            return T.Compose(steps)
+
+        self.global_transforms = [crop_pipeline(global_crops_size, global_crops_scale, blur_p[min(i, 1)],
+                                                solarize_p[min(i, 1)]) for i in range(global_crops_number)]
+        self.local_transform = crop_pipeline(local_crops_size, local_crops_scale, blur_p[2], solarize_p[2])
+
+    @property
+    def crop_shapes(self):
+        return ([(3, self.global_crops_size, self.global_crops_size)] * self.global_crops_number
+                + [(3, self.local_crops_size, self.local_crops_size)] * self.local_crops_number)
+
+    def __call__(self, img):
+        return ([t(img) for t in self.global_transforms]
+                + [self.local_transform(img) for _ in range(self.local_crops_number)])
+
+
+def eval_transform(size=224, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize (default size / 0.875, i.e. 256 for 224) + centre crop + normalise: the evaluation protocol."""
+    resize = resize or int(round(size / 0.875))
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+
+FASHION_MNIST_DIRS = [os.environ.get("FASHION_MNIST_DIR", ""), "/usr/share/datasets/fashion-mnist",
+                      os.path.expanduser("~/.cache/rob/FashionMNIST/raw")]
+
+
+def _read_idx(path):
+    """An IDX file (the MNIST format, optionally gzipped) as a uint8 tensor."""
+    with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def load_fashion_mnist(train=True):
+    """Fashion-MNIST as (images uint8 [N, 28, 28], labels int64 [N]). Looks in $FASHION_MNIST_DIR, Debian's
+    dataset-fashion-mnist package and ~/.cache/rob, then downloads with torchvision."""
+    split = "train" if train else "t10k"
+    for folder in filter(None, FASHION_MNIST_DIRS):
+        for suffix in (".gz", ""):
+            images = Path(folder) / f"{split}-images-idx3-ubyte{suffix}"
+            labels = Path(folder) / f"{split}-labels-idx1-ubyte{suffix}"
+            if images.is_file() and labels.is_file():
+                return _read_idx(images), _read_idx(labels).long()
+    try:
+        datasets.FashionMNIST(os.path.expanduser("~/.cache/rob"), train=train, download=True)
+    except Exception as err:
+        raise RuntimeError("Fashion-MNIST not found and the download failed. Install it with `apt-get install "
+                           "dataset-fashion-mnist`, or set FASHION_MNIST_DIR to a folder with the four "
+                           f"*-ubyte(.gz) files. ({err})") from err
+    return load_fashion_mnist(train)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST as 28x28 RGB PIL images (grayscale copied to 3 channels) with labels."""
+
+    def __init__(self, train=True):
+        self.images, self.targets = load_fashion_mnist(train)
+        self.classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                        "Bag", "Ankle boot"]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return Image.fromarray(self.images[index].numpy(), mode="L").convert("RGB"), int(self.targets[index])
+
+
+class SyntheticDataset(Dataset):
+    """Random tensors of the given shapes, no I/O and no augmentation: a benchmark of everything but data.
+    Returns (list of crops, label) for several shapes, (tensor, label) for one."""
+
+    def __init__(self, shapes, length=100_000, num_classes=1000):
+        self.shapes, self.length, self.num_classes = [tuple(s) for s in shapes], length, num_classes
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        index = key[1] if isinstance(key, tuple) else key
+        gen = torch.Generator().manual_seed(index)
+        crops = [torch.randn(shape, generator=gen) for shape in self.shapes]
+        return (crops if len(crops) > 1 else crops[0]), index % self.num_classes
+
+
+def build_dataset(data_path, train=True, synthetic_shapes=((3, 224, 224),)):
+    """`data_path` is an ImageFolder directory (class sub-folders of images), 'fashion-mnist' or 'synthetic'.
+    Returns a dataset of (PIL image, label), or of random tensors for 'synthetic'."""
+    if data_path == "fashion-mnist":
+        return FashionMNIST(train)
+    if data_path == "synthetic":
+        return SyntheticDataset(synthetic_shapes)
+    if not os.path.isdir(data_path):
+        raise FileNotFoundError(f"--data_path {data_path} is not a folder. Give an ImageFolder directory "
+                                "(one sub-folder of images per class), 'fashion-mnist' or 'synthetic'.")
+    try:
+        return datasets.ImageFolder(data_path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--data_path {data_path} holds no images: an ImageFolder needs one sub-folder "
+                                f"per class with .jpg/.png/... files inside. ({err})") from None
+
+
+class AugmentedDataset(Dataset):
+    """Applies `transform` to each (image, label) of `base`. Indexed by (epoch, index) keys (see
+    ResumableSampler): the random state of each sample's augmentation is seeded from (seed, epoch, index), so
+    the crops do not depend on the number of workers or processes and a resumed run sees the same crops. An
+    unreadable image is skipped with a warning (the next one is used instead) and counted in `num_skipped`."""
+
+    max_skips = 50
+
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed = base, transform, seed
+        self.num_skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with loader workers
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        for attempt in range(self.max_skips):
+            i = (index + attempt) % len(self.base)
+            try:
+                image, label = self.base[i]
+                break
+            except Exception as err:  # a corrupt, truncated or vanished file must not kill a long job
+                path = self.base.samples[i][0] if hasattr(self.base, "samples") else f"#{i}"
+                warnings.warn(f"skipping unreadable image {path}: {err}")
+                self.num_skipped += 1
+        else:
+            raise RuntimeError(f"{self.max_skips} unreadable images in a row from {index}: is the dataset intact?")
+        if self.transform is None or not isinstance(image, Image.Image):
+            return image, label
+        seed = mix_seed(self.seed, epoch, index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return self.transform(image), label
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled, equal shards, drop_last) that yields (epoch, index) keys and can start an
+    epoch at a given batch, to resume a run exactly where it stopped."""
+
+    def __init__(self, dataset, batch_size, seed=0):
+        super().__init__(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=seed,
+                         drop_last=True)
+        self.batch_size, self.start_batch = batch_size, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start_batch * self.batch_size:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self):
+        return super().__len__() - self.start_batch * self.batch_size
+
+
+def build_loader(dataset, batch_size, num_workers, seed=0, collate_fn=None):
+    """Training loader: ResumableSampler over the processes, pinned memory on GPU, persistent workers,
+    incomplete last batch dropped. Returns (loader, sampler)."""
+    sampler = ResumableSampler(dataset, batch_size, seed)
+    if len(sampler) < batch_size:
+        raise ValueError(f"{len(dataset)} images cannot fill one batch of {batch_size} per process on "
+                         f"{get_world_size()} process(es): lower --batch_size_per_gpu or use more data.")
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, drop_last=True,
+                        collate_fn=collate_fn, worker_init_fn=_ignore_stop_signals)
+    return loader, sampler
+
+
+def _ignore_stop_signals(worker_id):
+    """Loader workers leave SIGTERM / SIGINT to the main process, which saves a checkpoint and then stops them
+    (a scheduler or Ctrl-C signals the whole process group)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------- models
+STUDENT_ALIASES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+                   "vit_base": "vit_base_patch16_224", "resnet18": "resnet18", "resnet34": "resnet34",
+                   "resnet50": "resnet50", "mobilenet_v3": "mobilenetv3_large_100"}
+VIT_NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # widths of the ViT-Ti/S/B/L/H releases
+VIT_ARCH_HEADS = {"vit_tiny": 3, "vit_small": 6, "deit_small": 6, "vit_base": 12, "deit_base": 12,
+                  "vit_large": 16, "deit_large": 16}
+
+
+def is_vit(model):
+    return isinstance(model, timm.models.vision_transformer.VisionTransformer)
+
+
+def feature_dim(model):
+    """Width of the pooled feature a num_classes=0 timm model returns."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
+def create_backbone(arch):
+    """Rebuild a backbone from its arch record dict(name=timm model name, kwargs=create_model kwargs)."""
+    return timm.create_model(arch["name"], pretrained=False, **arch["kwargs"])
+
+
+def build_student(name, img_size=224, patch_size=None, drop_path_rate=0.0):
+    """A randomly initialised timm backbone without classifier: an alias (vit_tiny, vit_small, vit_base,
+    resnet18, resnet34, resnet50, mobilenet_v3) or any timm model name. ViTs accept any input size (96 px
+    local crops) and take `patch_size`/`img_size` overrides for small images. Returns (model, feature width,
+    arch record for create_backbone)."""
+    timm_name = STUDENT_ALIASES.get(name, name)
+    if not timm.is_model(timm_name):
+        raise ValueError(f"unknown student '{name}': use one of {', '.join(STUDENT_ALIASES)} or any "
+                         "timm model name (see timm.list_models()).")
+    kwargs = dict(num_classes=0, drop_path_rate=drop_path_rate)
+    if timm.models.is_model_in_modules(timm_name, ["vision_transformer"]):
+        kwargs.update(img_size=img_size, dynamic_img_size=True)
+        if patch_size:
+            kwargs["patch_size"] = patch_size
+    arch = dict(name=timm_name, kwargs=kwargs)
+    model = create_backbone(arch)
+    return model, feature_dim(model), arch
+
+
+def build_teacher_backbone(name, patch_size=16, img_size=224):
+    """Backbones of the official releases by family name: vit_small / vit_base / vit_large with patch 16, 8,
+    4 or 7, or resnet50 (random weights; load_strict fills them). Returns (model, arch)."""
+    if name == "resnet50":
+        arch = dict(name="resnet50", kwargs=dict(num_classes=0))
+    elif name in ("vit_small", "vit_base", "vit_large"):
+        arch = dict(name=f"{name}_patch16_224", kwargs=dict(num_classes=0, patch_size=patch_size,
+                                                             img_size=img_size, dynamic_img_size=True))
+    else:
+        raise ValueError(f"unknown teacher backbone '{name}': vit_small, vit_base, vit_large or resnet50")
+    return create_backbone(arch), arch
+
+
+def backbone_from_state_dict(sd, num_heads=None, arch_name=None):
+    """Build the timm backbone whose layout matches a ViT or ResNet state dict (timm/torchvision key names,
+    no prefix), reading sizes from the tensors. A ViT's head count is not in its tensors: it comes from
+    `num_heads`, else the DINO/iBOT/MSN `arch_name` (vit_small...), else the standard widths. Returns (model, arch)."""
+    if "cls_token" in sd:
+        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+        grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        if num_heads is None and arch_name:
+            num_heads = next((h for a, h in VIT_ARCH_HEADS.items() if str(arch_name).startswith(a)), None)
+        num_heads = num_heads or VIT_NUM_HEADS.get(dim)
+        if num_heads is None:
+            raise ValueError(f"cannot tell the number of attention heads of a ViT of width {dim}: pass num_heads")
+        kwargs = dict(num_classes=0, img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
+                      num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                      qkv_bias="blocks.0.attn.qkv.bias" in sd, dynamic_img_size=True)
+        arch = dict(name="vit_base_patch16_224", kwargs=kwargs)
+    elif "layer1.0.conv1.weight" in sd:
+        layers = tuple(1 + max(int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i}.")) for i in range(1, 5))
+        bottleneck = "layer1.0.conv3.weight" in sd
+        if sd["conv1.weight"].shape[0] != 64 or sd["layer1.0.conv1.weight"].shape[0] != 64:
+            raise ValueError("only standard-width ResNets are supported as teachers (the stem has "
+                             f"{sd['conv1.weight'].shape[0]} channels, e.g. a wide RN50w2)")
+        arch = dict(name="resnet50" if bottleneck else "resnet18", kwargs=dict(num_classes=0, layers=layers))
+    else:
+        raise ValueError("not a ViT or ResNet state dict (no cls_token / layer1.0.conv1.weight keys)")
+    return create_backbone(arch), arch
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def load_file(path, what="checkpoint"):
+    """torch.load a local path or an https:// URL (downloaded once into the torch.hub cache) with
+    weights_only=True; argparse.Namespace, which the official DINO/iBOT checkpoints store, is allow-listed."""
+    path = str(path)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        if path.startswith(("http://", "https://")):
+            try:
+                return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise RuntimeError(f"could not download the {what} {path} ({err}). Without internet, download "
+                                   "it elsewhere and pass the local file path instead.") from err
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} not found: {path}")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise RuntimeError(f"cannot read the {what} {path}: is it a complete PyTorch checkpoint (an "
+                               f"interrupted download or copy leaves a truncated file)? ({err})") from None
+
+
+def strip_prefix(sd, *prefixes):
+    """Remove the given key prefixes ('module.', 'backbone.'...) wherever keys start with them."""
+    for prefix in prefixes:
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return sd
+
+
+def sub_state_dict(sd, prefix):
+    """The entries under `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_strict(module, sd, source, expected):
+    """Load every tensor of `sd` into `module` and fill every tensor of `module`; otherwise raise an error that
+    names the file (`source`), the expected format and the missing / unexpected / mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mis_shaped = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or mis_shaped:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") or "none"
+        raise ValueError(f"{source} does not match the expected format ({expected}).\n  missing keys: "
+                         f"{show(missing)}\n  unexpected keys: {show(unexpected)}\n  wrong shapes: {show(mis_shaped)}")
+    module.load_state_dict(sd)
+
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file and a rename: a crash mid-write never leaves a broken `path`."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_resume_checkpoint(output_dir, method):
+    """The checkpoint to resume from (output_dir/checkpoint.pth), or None to start afresh."""
+    path = Path(output_dir) / "checkpoint.pth"
+    if not path.is_file():
+        return None
+    ckpt = load_file(path, "resume checkpoint")
+    if ckpt.get("method") != method:
+        raise ValueError(f"{path} was written by {ckpt.get('method', 'another program')}, not {method}: "
+                         "use another --output_dir.")
+    return ckpt
+
+
+def export_timm(backbone, arch, path):
+    """Save the student backbone as a plain timm state dict, with a zero classifier of the model's default
+    shape, so that timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path,
+    custom_load=False), **kwargs) loads it strictly (num_classes=N gives a fresh N-way classifier instead;
+    custom_load=False because timm's default ViT weights are JAX .npz files). Returns that call."""
+    kwargs = {k: v for k, v in arch["kwargs"].items() if k not in ("num_classes", "drop_path_rate")}
+    full = timm.create_model(arch["name"], pretrained=False, **kwargs)
+    result = full.load_state_dict(backbone.state_dict(), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    for name in result.missing_keys:  # only the classifier (and, for MobileNetV3, nothing else) is absent
+        full.get_parameter(name).data.zero_()
+    save_atomic({k: v.detach().cpu() for k, v in full.state_dict().items()}, path)
+    args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return (f"timm.create_model({arch['name']!r}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file={str(path)!r}, custom_load=False){args})")
+
+
+# ---------------------------------------------------------------------------------- training utilities
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
+    """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
+    if warmup_epochs >= epochs:
+        raise ValueError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
+                         "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
+    warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
+    steps = epochs * iters_per_epoch - len(warmup)
+    cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
+    return torch.cat([warmup, cosine]).tolist()
+
+
+def param_groups(model):
+    """AdamW groups: weight decay on weight matrices and convolution kernels, none on biases and norm
+    parameters (the first group's weight decay follows the schedule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StopRequest:
+    """SIGTERM / SIGINT / SIGUSR1 (cluster pre-emption, Ctrl-C) ask training to stop: it finishes the current
+    step, writes a checkpoint and exits, and the next run resumes from there. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def matmul_peak_flops(device, dtype, n=8192, iters=20):
+    """Measured FLOP/s of a large square matmul on `device` in `dtype` (random data): the MFU denominator."""
+    if device.type != "cuda":
+        n, iters = 1024, 5
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+def count_flops(fn):
+    """FLOPs (matmuls, convolutions, attention; forward and backward) that one call of fn() performs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def benchmark(step, steps, warmup_steps, images_per_step, flops_per_image, device, dtype, title):
+    """Time `steps` calls of step() after `warmup_steps` untimed ones and print images/s, GFLOP/image, MFU
+    against the matmul peak measured here, peak memory and the device. Returns the figures as a dict."""
+    for _ in range(warmup_steps):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = matmul_peak_flops(device, dtype)
+    result = dict(config=title, device=device_name(device), images_per_s=images_per_step * steps / seconds,
+                  gflop_per_image=flops_per_image / 1e9, matmul_peak_tflops=peak / 1e12,
+                  peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+    result["mfu"] = result["images_per_s"] * flops_per_image / peak
+    memory = f"{result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else "n/a (CPU)"
+    log(f"[benchmark] {title} on {result['device']}: {result['images_per_s']:,.0f} images/s, "
+        f"{result['gflop_per_image']:.1f} GFLOP/image, MFU {100 * result['mfu']:.1f}% of a measured "
+        f"{result['matmul_peak_tflops']:.0f} TFLOP/s {str(dtype).replace('torch.', '')} matmul peak, "
+        f"peak memory {memory}")
+    return result
