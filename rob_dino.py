@@ -461,10 +461,10 @@ def main(args):
         record = dict(epoch=epoch, step=step, train_loss=loss_sum / max(n_steps, 1), lr=lr_schedule[step - 1],
                      wd=wd_schedule[step - 1], images_per_s=n_steps * global_batch / (time.time() - start_time),
                      skipped_images=int(dataset.num_skipped), time=str(datetime.timedelta(seconds=int(time.time() - start_time))))
-        save_checkpoint(step, epoch + 1)
         if common.is_main_process():
             with open(output_dir / "log.txt", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        save_checkpoint(step, epoch + 1)
     if step >= total_steps:
         common.log(f"done; student backbone for timm: {output_dir / 'student_timm.pth'}")
 

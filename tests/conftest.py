@@ -26,20 +26,26 @@ def run_script(args, nproc=1, timeout=600, env=None, check=True):
     return result
 
 
+def make_image_folder(root, classes, per_class, offset=0):
+    """An ImageFolder of real Fashion-MNIST PNGs: `classes` class folders of `per_class` images each."""
+    import common
+    from PIL import Image
+    images, labels = common.load_fashion_mnist(train=True)
+    for label in range(classes):
+        (root / f"class{label}").mkdir(parents=True, exist_ok=True)
+        picks = (labels == label).nonzero().flatten()[offset:offset + per_class]
+        for j, i in enumerate(picks.tolist()):
+            Image.fromarray(images[i].numpy(), mode="L").save(root / f"class{label}" / f"{j}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_folder(tmp_path_factory):
-    """A small ImageFolder of real Fashion-MNIST PNGs (10 classes x 8 images) for end-to-end runs."""
-    import common
-    images, labels = common.load_fashion_mnist(train=True)
-    root = tmp_path_factory.mktemp("fmnist_folder")
-    counts = {}
-    from PIL import Image
-    for img, label in zip(images, labels.tolist()):
-        if counts.get(label, 0) >= 8:
-            continue
-        counts[label] = counts.get(label, 0) + 1
-        (root / f"class{label}").mkdir(exist_ok=True)
-        Image.fromarray(img.numpy(), mode="L").save(root / f"class{label}" / f"{counts[label]}.png")
-        if len(counts) == 10 and all(c >= 8 for c in counts.values()):
-            break
-    return root
+    """10 classes x 8 real Fashion-MNIST images."""
+    return make_image_folder(tmp_path_factory.mktemp("fmnist80"), classes=10, per_class=8)
+
+
+@pytest.fixture(scope="session")
+def small_folder(tmp_path_factory):
+    """3 classes x 8 real Fashion-MNIST images: 3 steps of a global batch of 8."""
+    return make_image_folder(tmp_path_factory.mktemp("fmnist24"), classes=3, per_class=8)
