@@ -94,6 +94,9 @@ def get_args_parser():
     group.add_argument("--saveckp_freq", type=int, default=20, help="Also keep checkpointNNNN.pth every N epochs.")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--num_workers", type=int, default=10, help="Data loader processes per GPU.")
+    group.add_argument("--gpu_augment", action="store_true", help="Decode JPEGs and run the multi-crop "
+                       "augmentation in batches on the GPU (loader workers only read files): real training is "
+                       "otherwise CPU-bound. Same parameter distributions; also runs on CPU tensors.")
     group.add_argument("--benchmark", type=int, default=0, metavar="N", help="Time N training steps on "
                        "synthetic data with a randomly initialised teacher of the chosen architecture, then exit.")
     return parser
@@ -294,9 +297,10 @@ def main(args):
         args.global_crops_size, args.local_crops_size, n_global, args.local_crops_number, args.global_crops_scale,
         args.local_crops_scale, color_jitter=(0.4, 0.4, 0.2, 0.1), blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2, 0.0))
     if not args.benchmark:
-        dataset = common.AugmentedDataset(common.build_dataset(args.data_path, synthetic_shapes=augmentation.crop_shapes),
-                                          augmentation, args.seed)
-        loader, sampler = common.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed)
+        base = common.build_dataset(args.data_path, synthetic_shapes=augmentation.crop_shapes, raw=args.gpu_augment)
+        dataset = common.AugmentedDataset(base, None if args.gpu_augment else augmentation, args.seed)
+        loader, sampler = common.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed,
+                                              common.collate_raw if args.gpu_augment else None)
         iters_per_epoch = len(loader)
         common.log(f"data: {len(dataset)} images from {args.data_path}, {iters_per_epoch} steps per epoch")
     else:
@@ -316,6 +320,10 @@ def main(args):
             hidden_dim = teacher.head.mlp[0].out_features if len(teacher.head.mlp) > 1 else hidden_dim
         else:
             out_dim = teacher.head[-1].out_features
+    patch = getattr(getattr(teacher.backbone, "patch_embed", None), "patch_size", (1,))[0]
+    if args.global_crops_size % patch:
+        raise ValueError(f"--global_crops_size {args.global_crops_size} is not a multiple of the teacher's patch "
+                         f"size {patch}: the teacher sees the global crops.")
     if args.student_head == "dino":
         head = DINOHead(dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=ema)
     else:
@@ -439,7 +447,11 @@ def main(args):
                         initial=step - epoch * iters_per_epoch, total=iters_per_epoch)
         loss_sum, n_steps, start_time = 0.0, 0, time.time()
         for batch, _ in progress:
-            crops = [c.to(device, non_blocking=True) for c in batch]
+            if args.gpu_augment:  # decode + augment here, with a per-step seed (reproducible on resume)
+                generator = torch.Generator().manual_seed(common.mix_seed(args.seed, rank, step, 1))
+                crops = augmentation.batch(common.decode_images(batch, device), generator)
+            else:
+                crops = [c.to(device, non_blocking=True) for c in batch]
             if convnet:
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
             loss = train_step(crops, step)
