@@ -140,7 +140,7 @@ class MultiCropAugmentation:
         `images` is a [B, C, H, W] tensor or a list of [C, H_i, W_i] tensors (C = 1 or 3). The parameters are
         drawn per image and crop from the same distributions as the per-image path; crops are cut and resized
         with roi_align (bilinear with area averaging) instead of PIL's bicubic filter. Returns the crop list."""
-        sizes = [(img.shape[-2], img.shape[-1]) for img in images]
+        sizes = torch.tensor([(img.shape[-2], img.shape[-1]) for img in images], dtype=torch.float64)
         n_crops = self.global_crops_number + self.local_crops_number
         kinds = [(self.global_crops_size, self.global_crops_scale, [min(i, 1) for i in range(self.global_crops_number)]),
                  (self.local_crops_size, self.local_crops_scale, [2] * self.local_crops_number)]
@@ -149,10 +149,10 @@ class MultiCropAugmentation:
             n = len(blur_index)
             if n == 0:
                 continue
-            boxes = random_resized_crop_boxes(torch.tensor(sizes * n, dtype=torch.float64), scale, generator)
-            batch_index = torch.arange(len(images)).repeat(n)  # crop-major: crop k of image b at k * B + b
-            x = crop_and_resize(images, torch.cat([batch_index[:, None].double(), boxes], 1), size)
-            x = color_augment(x, self, torch.tensor([blur_index[k] for k in range(n) for _ in images]), generator)
+            boxes = random_resized_crop_boxes(sizes.repeat_interleave(n, 0), scale, generator)  # image-major
+            x = crop_and_resize(images, boxes, n, size)
+            x = x.unflatten(0, (len(images), n)).transpose(0, 1).flatten(0, 1)  # crop-major: crop k of image b at k * B + b
+            x = color_augment(x, self, torch.tensor(blur_index).repeat_interleave(len(images)), generator)
             crops += list(x.chunk(n))
         assert len(crops) == n_crops
         return crops
@@ -191,21 +191,20 @@ def random_resized_crop_boxes(sizes, scale, generator=None, ratio=(3 / 4, 4 / 3)
     return torch.stack([left, top, left + w, top + h], 1)
 
 
-def crop_and_resize(images, rois, size):
-    """Cut rois [K, 5] = (image index, x1, y1, x2, y2) out of uint8 images and resize them to size x size.
-    roi_align averages ceil(box / size)^2 bilinear samples per output pixel: antialiased downscaling."""
+def crop_and_resize(images, boxes, n, size):
+    """Cut n boxes per image ([B * n, 4] pixel (x1, y1, x2, y2), image-major) out of uint8 images and resize
+    them to size x size: roi_align averages ceil(box / size)^2 bilinear samples per output pixel, an
+    antialiased resize. Indexing stays on the host, so nothing waits for the GPU."""
     from torchvision.ops import roi_align
     device = images[0].device
-    rois = rois.to(device, torch.float32)
     if isinstance(images, torch.Tensor):  # same-sized images: one call
+        rois = torch.cat([torch.arange(len(images)).repeat_interleave(n)[:, None].double(), boxes], 1)
         x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
-        return roi_align(x, rois, size, aligned=True) / 255
-    out = torch.empty(len(rois), 3, size, size, device=device)
-    for b, img in enumerate(images):  # varied sizes (decoded JPEGs): one call per image for all its crops
-        rows = (rois[:, 0] == b).nonzero()[:, 0]
-        boxes = rois[rows].clone()
-        boxes[:, 0] = 0
-        out[rows] = roi_align(img.float().expand(3, -1, -1)[None], boxes, size, aligned=True)
+        return roi_align(x, _to_device(rois.float(), device), size, aligned=True) / 255
+    rois = _to_device(torch.cat([torch.zeros(len(boxes), 1, dtype=torch.float64), boxes], 1).float(), device)
+    out = torch.empty(len(boxes), 3, size, size, device=device)
+    for b, img in enumerate(images):  # images of varied sizes (decoded JPEGs): one call per image, n crops each
+        out[b * n:(b + 1) * n] = roi_align(img.float().expand(3, -1, -1)[None], rois[b * n:(b + 1) * n], size, aligned=True)
     return out / 255
 
 
@@ -505,7 +504,10 @@ def _kill_workers_at_exit():
 # ----------------------------------------------------------------------------------------------- models
 STUDENT_ALIASES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
                    "vit_base": "vit_base_patch16_224", "resnet18": "resnet18", "resnet34": "resnet34",
-                   "resnet50": "resnet50", "mobilenet_v3": "mobilenetv3_large_100"}
+                   "resnet50": "resnet50", "mobilenet_v3": "mobilenetv3_large_100",
+                   "vit_nano": "vit_tiny_patch16_224", "vit_pico": "vit_tiny_patch16_224"}
+SMALL_VITS = {"vit_nano": dict(embed_dim=128, depth=6, num_heads=4),  # 1.2 M parameters: small-image teachers
+              "vit_pico": dict(embed_dim=64, depth=6, num_heads=2)}  # 0.3 M: small-image students (CPU demo)
 VIT_NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # widths of the ViT-Ti/S/B/L/H releases
 VIT_ARCH_HEADS = {"vit_tiny": 3, "vit_small": 6, "deit_small": 6, "vit_base": 12, "deit_base": 12,
                   "vit_large": 16, "deit_large": 16}
@@ -527,14 +529,14 @@ def create_backbone(arch):
 
 def build_student(name, img_size=224, patch_size=None, drop_path_rate=0.0):
     """A randomly initialised timm backbone without classifier: an alias (vit_tiny, vit_small, vit_base,
-    resnet18, resnet34, resnet50, mobilenet_v3) or any timm model name. ViTs accept any input size (96 px
-    local crops) and take `patch_size`/`img_size` overrides for small images. Returns (model, feature width,
-    arch record for create_backbone)."""
+    resnet18, resnet34, resnet50, mobilenet_v3; vit_nano and vit_pico, narrow 6-block ViTs for small images)
+    or any timm model name. ViTs accept any input size (96 px local crops) and take `patch_size`/`img_size`
+    overrides for small images. Returns (model, feature width, arch record for create_backbone)."""
     timm_name = STUDENT_ALIASES.get(name, name)
     if not timm.is_model(timm_name):
         raise ValueError(f"unknown student '{name}': use one of {', '.join(STUDENT_ALIASES)} or any "
                          "timm model name (see timm.list_models()).")
-    kwargs = dict(num_classes=0, drop_path_rate=drop_path_rate)
+    kwargs = dict(num_classes=0, drop_path_rate=drop_path_rate, **SMALL_VITS.get(name, {}))
     if timm.models.is_model_in_modules(timm_name, ["vision_transformer"]):
         kwargs.update(img_size=img_size, dynamic_img_size=True)
         if patch_size:
@@ -695,6 +697,52 @@ def param_groups(model):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class StepStats:
+    """Per-step scalars (loss terms, a stop vote) averaged over the processes and read on the host one step
+    late, so that the host queues step i+1 while the GPU still runs step i instead of waiting at every step."""
+
+    def __init__(self):
+        self.pending = None
+
+    def push(self, values):
+        """Queue this step's values (a 1-D tensor); return the previous step's averages as a list, or None."""
+        values = all_reduce_mean(values.detach().float())
+        event = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        previous, self.pending = self.pending, (values, event)
+        return self._read(previous)
+
+    def flush(self):
+        """The last queued step's values (waits for it), or None."""
+        previous, self.pending = self.pending, None
+        return self._read(previous)
+
+    @staticmethod
+    def _read(entry):
+        if entry is None:
+            return None
+        if entry[1] is not None:
+            entry[1].synchronize()
+        return entry[0].tolist()
+
+
+def compile_model(model):
+    """torch.compile in place. A ViT without stochastic depth (a frozen teacher) is compiled per block: its
+    identical blocks share one compiled graph, seconds of compilation instead of minutes with the same
+    fusions. Other models are compiled whole."""
+    if is_vit(model) and len({repr(block.drop_path1) for block in model.blocks}) == 1:
+        for block in model.blocks:  # (blocks with different drop-path rates would each recompile: whole model)
+            block.compile()
+    else:
+        model.compile()
+    return model
+
+
 class StopRequest:
     """SIGTERM / SIGINT / SIGUSR1 (cluster pre-emption, Ctrl-C) ask training to stop: it finishes the current
     step, writes a checkpoint and exits, and the next run resumes from there. A second Ctrl-C stops at once."""
@@ -763,6 +811,6 @@ def benchmark(step, steps, warmup_steps, images_per_step, flops_per_image, devic
     memory = f"{result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else "n/a (CPU)"
     log(f"[benchmark] {title} on {result['device']}: {result['images_per_s']:,.0f} images/s, "
         f"{result['gflop_per_image']:.1f} GFLOP/image, MFU {100 * result['mfu']:.1f}% of a measured "
-        f"{result['matmul_peak_tflops']:.0f} TFLOP/s {str(dtype).replace('torch.', '')} matmul peak, "
+        f"{result['matmul_peak_tflops']:.3g} TFLOP/s {str(dtype).replace('torch.', '')} matmul peak, "
         f"peak memory {memory}")
     return result

@@ -79,7 +79,10 @@ def get_args_parser():
     group.add_argument("--clip_grad", type=float, default=3.0, help="Clip the global gradient norm (0: off).")
     group.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="Autocast dtype "
                        "(default bf16 on GPU, fp32 on CPU). The teacher runs in that dtype, losses in fp32.")
-    group.add_argument("--compile", action="store_true", help="torch.compile teacher, student and loss.")
+    group.add_argument("--compile", action="store_true", help="torch.compile teacher, student and loss (ViTs per "
+                       "block: quick to compile). Faster on GPU once compiled.")
+    group.add_argument("--overlap_teacher", action=argparse.BooleanOptionalAction, default=True, help="On GPU, "
+                       "run the teacher on a second CUDA stream, concurrently with the student's forward.")
     group = parser.add_argument_group("multi-crop")
     group.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.25, 1.0))
     group.add_argument("--local_crops_number", type=int, default=8, help="Small crops (student only).")
@@ -248,20 +251,24 @@ def teacher_probs(teacher_logits, temp, center=None):
 
 
 def view_pairs(n_global, n_crops, swapped):
-    """(teacher view, student crop) pairs. Same-view: teacher view i -> student crop i and every local crop.
-    Swapped (DINO's): teacher view i -> every student crop except i."""
-    if swapped:
-        return [(t, s) for t in range(n_global) for s in range(n_crops) if s != t]
-    return [(t, s) for t in range(n_global) for s in range(n_crops) if s == t or s >= n_global]
+    """partners[t, s] = 1 where teacher view t supervises student crop s. Same-view: view i -> student crop i
+    and every local crop. Swapped (DINO's): view i -> every student crop except i."""
+    t, s = torch.arange(n_global)[:, None], torch.arange(n_crops)[None, :]
+    return ((s != t) if swapped else (s == t) | (s >= n_global)).float()
 
 
-def dino_loss(student_logits, teacher_probs, pairs, student_temp):
-    """Mean over pairs of the batch-mean cross-entropy H(teacher_probs[t], softmax(student_logits[s] / T)).
-    student_logits: [n_crops * B, K], teacher_probs: [n_global * B, K] (both crop-major)."""
-    n_crops, n_global = max(s for _, s in pairs) + 1, max(t for t, _ in pairs) + 1
-    student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1).chunk(n_crops)
-    targets = teacher_probs.chunk(n_global)
-    return sum(-(targets[t] * student_log_probs[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
+def dino_loss(student_logits, teacher_probs, partners, student_temp):
+    """Mean over (teacher view t, student crop s) pairs of the batch-mean cross-entropy
+    H(teacher_probs[t], softmax(student_logits[s] / T)); inputs crop-major, [n_crops * B, K], [n_global * B, K].
+    With z = logits / T, log softmax(z_s) = z_s - logsumexp(z_s) and sum_k p_t = 1, the sum over pairs is
+    sum_t <p_t, sum_{s paired with t} z_s> - sum_s (pairs of s) * logsumexp(z_s): the student log-probabilities
+    and the per-pair products are never materialised."""
+    n_global, n_crops = partners.shape
+    batch = teacher_probs.shape[0] // n_global
+    z = (student_logits.float() / student_temp).unflatten(0, (n_crops, batch))  # [n_crops, B, K]
+    cross = (teacher_probs.unflatten(0, (n_global, batch)) * torch.einsum("ts,sbk->tbk", partners, z)).sum()
+    normaliser = (partners.sum(0)[:, None] * torch.logsumexp(z, dim=-1)).sum()
+    return (normaliser - cross) / (batch * partners.sum())
 
 
 class DINOCenter(nn.Module):
@@ -320,10 +327,6 @@ def main(args):
             hidden_dim = teacher.head.mlp[0].out_features if len(teacher.head.mlp) > 1 else hidden_dim
         else:
             out_dim = teacher.head[-1].out_features
-    patch = getattr(getattr(teacher.backbone, "patch_embed", None), "patch_size", (1,))[0]
-    if args.global_crops_size % patch:
-        raise ValueError(f"--global_crops_size {args.global_crops_size} is not a multiple of the teacher's patch "
-                         f"size {patch}: the teacher sees the global crops.")
     if args.student_head == "dino":
         head = DINOHead(dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=ema)
     else:
@@ -335,6 +338,10 @@ def main(args):
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
         center = DINOCenter(out_dim, args.center_momentum).to(device)
+    patch = getattr(getattr(teacher.backbone, "patch_embed", None), "patch_size", (1,))[0]
+    if args.global_crops_size % patch:
+        raise ValueError(f"--global_crops_size {args.global_crops_size} is not a multiple of the teacher's patch "
+                         f"size {patch}: the teacher sees the global crops.")
     teacher.to(device)
     teacher_dtype = torch.float32
     if not ema and device.type == "cuda" and precision != "fp32":  # frozen teacher stored in bf16 (fp32 last layer)
@@ -345,18 +352,25 @@ def main(args):
         student = student.to(memory_format=torch.channels_last)
     if not common.is_vit(teacher.backbone):
         teacher = teacher.to(memory_format=torch.channels_last)
-    if world_size > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+    if world_size > 1 and device.type == "cuda":  # SyncBatchNorm needs GPUs (a no-op without BN layers)
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         if ema:
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student_ddp = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else student
-    student_fwd, teacher_fwd, loss_fn = student_ddp, teacher, dino_loss
+    loss_fn = dino_loss
+    if args.compile:  # in place, so checkpoints keep their keys; ViTs per block (fast to compile)
+        for network in (student, teacher):
+            common.compile_model(network.backbone)
+            network.head.compile()
+        loss_fn = torch.compile(dino_loss)
+    overlap = args.overlap_teacher and device.type == "cuda"
+    teacher_stream = torch.cuda.Stream(device) if overlap else None
     n_params = sum(p.numel() for p in student.parameters())
     common.log(f"student {args.student}: {n_params / 1e6:.1f}M parameters, head -> {out_dim}; teacher: {args.teacher}")
 
     # ---- loss pairing, optimiser and per-iteration schedules
-    pairs = view_pairs(n_global, n_global + args.local_crops_number, swapped=args.swapped or ema)
+    partners = view_pairs(n_global, n_global + args.local_crops_number, swapped=args.swapped or ema).to(device)
     global_batch = args.batch_size_per_gpu * world_size
     optimizer = torch.optim.AdamW(common.param_groups(student), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -369,26 +383,36 @@ def main(args):
         temp_schedule = [args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * min(e / warmup_temp, 1)
                          if warmup_temp else args.teacher_temp for e in range(args.epochs)]
 
+    def teacher_logits_of(crops):
+        with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=ema and precision != "fp32"):
+            return teacher([c.to(teacher_dtype) for c in crops[:n_global]])
+
     def train_step(crops, it):
-        """One optimisation step on a batch (list of crops, globals first); returns the loss (a tensor)."""
+        """One optimisation step on a batch (list of crops, globals first); returns the loss, a 1-element tensor."""
         epoch = it // iters_per_epoch
         for i, group in enumerate(optimizer.param_groups):
             group["lr"] = lr_schedule[it]
             if i == 0:
                 group["weight_decay"] = wd_schedule[it]
         torch.manual_seed(common.mix_seed(args.seed, rank, it))  # drop-path etc.: reproducible on resume
-        with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=ema and precision != "fp32"):
-            teacher_logits = teacher_fwd([c.to(teacher_dtype) for c in crops[:n_global]])
+        if overlap:  # the teacher runs on a second stream, concurrently with the student's forward
+            teacher_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(teacher_stream):
+                teacher_logits = teacher_logits_of(crops)
+        else:
+            teacher_logits = teacher_logits_of(crops)
+        with torch.autocast(device.type, amp_dtype, enabled=precision != "fp32"):
+            student_logits = student_ddp(crops)
+        if overlap:
+            torch.cuda.current_stream(device).wait_stream(teacher_stream)
         targets = teacher_probs(teacher_logits, temp_schedule[epoch] if ema else args.teacher_temp,
                                 center.center if ema else None)
-        with torch.autocast(device.type, amp_dtype, enabled=precision != "fp32"):
-            student_logits = student_fwd(crops)
-        loss = loss_fn(student_logits, targets, pairs, args.student_temp)
+        loss = loss_fn(student_logits, targets, partners, args.student_temp)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+            nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad, foreach=True)
         if ema and epoch < args.freeze_last_layer:  # baseline: last layer frozen during the first epoch(s)
             for p in student.head.last_layer.parameters():
                 p.grad = None
@@ -398,21 +422,21 @@ def main(args):
             with torch.no_grad():
                 torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum_schedule[it])
                 center.update(teacher_logits)
-        return loss.detach()
+        return loss.detach()[None]
 
-    if args.benchmark:  # FLOPs counted on the eager step, then timed (compiled if asked)
+    if args.benchmark:  # a fixed synthetic batch on the device; FLOPs counted on eager calls
         crops = benchmark_batch(args, n_global, device)
-        flops_per_image = common.count_flops(lambda: train_step(crops, 0)) / args.batch_size_per_gpu
-    if args.compile:
-        student_fwd, teacher_fwd, loss_fn = torch.compile(student_ddp), torch.compile(teacher), torch.compile(dino_loss)
-    if args.benchmark:
+        title = (f"RoB-DINO {args.student} <- {args.teacher}, batch {args.batch_size_per_gpu}/GPU, {n_global}x"
+                 f"{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}"
+                 + (", compiled" if args.compile else "") + (", teacher on a side stream" if overlap else ""))
+        with torch.compiler.set_stance("force_eager"):
+            step_flops = common.count_flops(lambda: train_step(crops, 0))
+            teacher_flops = common.count_flops(lambda: teacher_logits_of(crops))
+        common.benchmark(lambda: teacher_logits_of(crops), args.benchmark, 3, global_batch,
+                         teacher_flops / args.batch_size_per_gpu, device, amp_dtype, "frozen teacher forward alone")
         steps = iter(range(10 ** 9))
-        return common.benchmark(lambda: train_step(crops, next(steps) % iters_per_epoch), args.benchmark,
-                                warmup_steps=10 if args.compile else 3, images_per_step=global_batch,
-                                flops_per_image=flops_per_image, device=device, dtype=amp_dtype,
-                                title=f"RoB-DINO {args.student} <- {args.teacher}, batch {args.batch_size_per_gpu}/GPU, "
-                                      f"{n_global}x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}"
-                                      + (", compiled" if args.compile else ""))
+        return common.benchmark(lambda: train_step(crops, next(steps) % iters_per_epoch), args.benchmark, 3,
+                                global_batch, step_flops / args.batch_size_per_gpu, device, amp_dtype, title)
 
     # ---- resume (output_dir/checkpoint.pth), then the loop
     start_step = 0
@@ -439,13 +463,26 @@ def main(args):
             common.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
         common.export_timm(student.backbone, arch, output_dir / "student_timm.pth")
 
-    stop = common.StopRequest()
-    step, total_steps = start_step, args.epochs * iters_per_epoch
+    stop, stats = common.StopRequest(), common.StepStats()
+    step = start_step
+
+    def check(values, at_step):
+        """Host side of a finished step: NaN stop and progress; True if a process asked to stop."""
+        loss_value, stop_votes = values
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"non-finite loss {loss_value} at step {at_step}; stopping without saving, "
+                                     f"{output_dir / 'checkpoint.pth'} is intact. Lower --lr, raise --warmup_epochs, "
+                                     "keep --clip_grad or use --precision bf16/fp32.")
+        epoch_losses.append(loss_value)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[at_step]:.2e}",
+                             img_s=f"{len(epoch_losses) * global_batch / (time.time() - start_time):.0f}")
+        return stop_votes > 0
+
     for epoch in range(start_step // iters_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start_batch=step - epoch * iters_per_epoch)
         progress = tqdm(loader, desc=f"epoch {epoch}", disable=not common.is_main_process(), dynamic_ncols=True,
                         initial=step - epoch * iters_per_epoch, total=iters_per_epoch)
-        loss_sum, n_steps, start_time = 0.0, 0, time.time()
+        epoch_losses, start_time, stopping = [], time.time(), False
         for batch, _ in progress:
             if args.gpu_augment:  # decode + augment here, with a per-step seed (reproducible on resume)
                 generator = torch.Generator().manual_seed(common.mix_seed(args.seed, rank, step, 1))
@@ -455,30 +492,28 @@ def main(args):
             if convnet:
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
             loss = train_step(crops, step)
-            # one synchronisation per step: the mean loss over processes and whether any was asked to stop
-            stats = torch.stack([loss.float(), torch.tensor(float(stop.requested), device=loss.device)])
-            loss_value, stop_votes = common.all_reduce_mean(stats).tolist()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss {loss_value} at step {step} (epoch {epoch}); stopping "
-                                         f"without saving, {output_dir / 'checkpoint.pth'} is intact. Lower --lr, "
-                                         "raise --warmup_epochs, keep --clip_grad or use --precision bf16/fp32.")
+            # averaged over processes with a stop vote; read one step late, so the host never waits for the GPU
+            previous = stats.push(torch.cat([loss, torch.tensor([float(stop.requested)], device=device)]))
             step += 1
-            loss_sum, n_steps = loss_sum + loss_value, n_steps + 1
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[step - 1]:.2e}",
-                                 img_s=f"{n_steps * global_batch / (time.time() - start_time):.0f}")
-            if stop_votes > 0:
-                save_checkpoint(step, epoch)
-                common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
-                return
-        record = dict(epoch=epoch, step=step, train_loss=loss_sum / max(n_steps, 1), lr=lr_schedule[step - 1],
-                     wd=wd_schedule[step - 1], images_per_s=n_steps * global_batch / (time.time() - start_time),
-                     skipped_images=int(dataset.num_skipped), time=str(datetime.timedelta(seconds=int(time.time() - start_time))))
-        if common.is_main_process():
-            with open(output_dir / "log.txt", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        save_checkpoint(step, epoch + 1)
-    if step >= total_steps:
-        common.log(f"done; student backbone for timm: {output_dir / 'student_timm.pth'}")
+            if previous is not None and check(previous, step - 2):
+                stopping = True  # every process sees the same votes: all stop after this same step
+                break
+        last = stats.flush()
+        stopping = (last is not None and check(last, step - 1)) or stopping
+        if step % iters_per_epoch == 0:  # a complete epoch: log it
+            record = dict(epoch=epoch, step=step, train_loss=sum(epoch_losses) / max(len(epoch_losses), 1),
+                          lr=lr_schedule[step - 1], wd=wd_schedule[step - 1],
+                          images_per_s=len(epoch_losses) * global_batch / (time.time() - start_time),
+                          skipped_images=int(dataset.num_skipped),
+                          time=str(datetime.timedelta(seconds=int(time.time() - start_time))))
+            if common.is_main_process():
+                with open(output_dir / "log.txt", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        save_checkpoint(step, step // iters_per_epoch)
+        if stopping:
+            common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+            return
+    common.log(f"done; student backbone for timm: {output_dir / 'student_timm.pth'}")
 
 
 def benchmark_batch(args, n_global, device):

@@ -49,9 +49,10 @@ def test_crop_fallback_is_a_centre_crop_of_clipped_aspect_ratio():
 def test_crop_and_resize_cuts_the_right_region():
     ramp = torch.arange(100, dtype=torch.float64).repeat(3, 60, 1)  # pixel value = its x coordinate
     image = ramp.round().to(torch.uint8)
-    out = common.crop_and_resize(image[None], torch.tensor([[0, 20.0, 10, 60, 50]]), 8) * 255
-    assert abs(out.mean().item() - 39.5) < 0.5  # centre of columns 20..59
-    same = common.crop_and_resize([image], torch.tensor([[0, 20.0, 10, 60, 50]]), 8) * 255
+    boxes = torch.tensor([[20.0, 10, 60, 50], [0, 0, 10, 60]], dtype=torch.float64)
+    out = common.crop_and_resize(image[None], boxes, 2, 8) * 255
+    assert abs(out[0].mean().item() - 39.5) < 0.5 and abs(out[1].mean().item() - 4.5) < 0.5  # column centres
+    same = common.crop_and_resize([image], boxes, 2, 8) * 255
     torch.testing.assert_close(out, same)
 
 

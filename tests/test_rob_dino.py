@@ -49,16 +49,30 @@ def test_loss_matches_a_float64_loop(swapped):
     torch.manual_seed(0)
     n_global, n_crops, b, k = 2, 5, 3, 11
     student_logits, teacher_logits = torch.randn(n_crops * b, k) * 3, torch.randn(n_global * b, k) * 0.3
-    pairs = rob_dino.view_pairs(n_global, n_crops, swapped)
-    assert len(pairs) == (n_global * (n_crops - 1) if swapped else n_global * (n_crops - n_global + 1))
-    loss = rob_dino.dino_loss(student_logits, rob_dino.teacher_probs(teacher_logits, 0.07), pairs, 0.1)
+    partners = rob_dino.view_pairs(n_global, n_crops, swapped)
+    assert partners.sum() == (n_global * (n_crops - 1) if swapped else n_global * (n_crops - n_global + 1))
+    loss = rob_dino.dino_loss(student_logits, rob_dino.teacher_probs(teacher_logits, 0.07), partners, 0.1)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - reference_loss(student_logits, teacher_logits, n_global, swapped, 0.07, 0.1)) < 1e-4
 
 
 def test_same_view_pairing_skips_the_cross_pair():
-    assert rob_dino.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-    assert rob_dino.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert rob_dino.view_pairs(2, 4, swapped=False).tolist() == [[1, 0, 1, 1], [0, 1, 1, 1]]
+    assert rob_dino.view_pairs(2, 4, swapped=True).tolist() == [[0, 1, 1, 1], [1, 0, 1, 1]]
+
+
+def test_loss_gradient_matches_the_float64_loop():
+    torch.manual_seed(1)
+    student_logits = (torch.randn(4 * 3, 7) * 2).requires_grad_()
+    reference = student_logits.detach().double().requires_grad_()
+    teacher_logits = torch.randn(2 * 3, 7)
+    partners = rob_dino.view_pairs(2, 4, swapped=False)
+    rob_dino.dino_loss(student_logits, rob_dino.teacher_probs(teacher_logits, 0.07), partners, 0.1).backward()
+    targets = torch.softmax(teacher_logits.double() / 0.07, -1)
+    loss = sum(-(targets[t * 3:(t + 1) * 3] * torch.log_softmax(reference[s * 3:(s + 1) * 3] / 0.1, -1)).sum(-1).mean()
+               for t in range(2) for s in range(4) if partners[t, s]) / partners.sum()
+    loss.backward()
+    torch.testing.assert_close(student_logits.grad.double(), reference.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_centering_only_in_the_baseline():
