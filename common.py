@@ -200,8 +200,8 @@ def crop_and_resize(images, boxes, n, size):
     if isinstance(images, torch.Tensor):  # same-sized images: one call
         rois = torch.cat([torch.arange(len(images)).repeat_interleave(n)[:, None].double(), boxes], 1)
         x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
-        return roi_align(x, _to_device(rois.float(), device), size, aligned=True) / 255
-    rois = _to_device(torch.cat([torch.zeros(len(boxes), 1, dtype=torch.float64), boxes], 1).float(), device)
+        return roi_align(x, to_device(rois.float(), device), size, aligned=True) / 255
+    rois = to_device(torch.cat([torch.zeros(len(boxes), 1, dtype=torch.float64), boxes], 1).float(), device)
     out = torch.empty(len(boxes), 3, size, size, device=device)
     for b, img in enumerate(images):  # images of varied sizes (decoded JPEGs): one call per image, n crops each
         out[b * n:(b + 1) * n] = roi_align(img.float().expand(3, -1, -1)[None], rois[b * n:(b + 1) * n], size, aligned=True)
@@ -253,13 +253,13 @@ def color_augment(x, aug, kind, generator=None):
     u = torch.rand(n, 13, generator=generator, dtype=torch.float64)
     factors = torch.stack([1 - b + 2 * b * u[:, 0], 1 - c + 2 * c * u[:, 1], 1 - s + 2 * s * u[:, 2],
                            h * (2 * u[:, 3] - 1), 0.1 + 1.9 * u[:, 4]], 1)  # brightness contrast saturation hue sigma
-    factors = _to_device(factors.to(x.dtype), dev)
+    factors = to_device(factors.to(x.dtype), dev)
     order = torch.argsort(u[:, 5:9], dim=1)  # a random permutation of the four colour adjustments per image
     jitter = u[:, 9] < aug.color_jitter_p
     blur_p, solarize_p = (torch.tensor(p, dtype=torch.float64)[kind] for p in (aug.blur_p, aug.solarize_p))
 
     def apply(mask, fn):  # x[mask] = fn(x[mask], that subset's factors)
-        rows = _to_device(mask.nonzero()[:, 0], dev)
+        rows = to_device(mask.nonzero()[:, 0], dev)
         if len(rows):
             x[rows] = fn(x[rows], factors[rows][:, :, None, None, None])
 
@@ -278,7 +278,7 @@ def color_augment(x, aug, kind, generator=None):
     return (x - mean) / std
 
 
-def _to_device(tensor, device):
+def to_device(tensor, device):
     """Host-to-device copy that does not wait for the GPU (pinned, asynchronous)."""
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
