@@ -466,23 +466,25 @@ def main(args):
     stop, stats = common.StopRequest(), common.StepStats()
     step = start_step
 
+    term_names = ["train_loss"]
+
     def check(values, at_step):
         """Host side of a finished step: NaN stop and progress; True if a process asked to stop."""
-        loss_value, stop_votes = values
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite loss {loss_value} at step {at_step}; stopping without saving, "
+        *terms, stop_votes = values
+        if not math.isfinite(terms[0]):
+            raise FloatingPointError(f"non-finite loss {terms[0]} at step {at_step}; stopping without saving, "
                                      f"{output_dir / 'checkpoint.pth'} is intact. Lower --lr, raise --warmup_epochs, "
                                      "keep --clip_grad or use --precision bf16/fp32.")
-        epoch_losses.append(loss_value)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule[at_step]:.2e}",
-                             img_s=f"{len(epoch_losses) * global_batch / (time.time() - start_time):.0f}")
+        epoch_terms.append(terms)
+        progress.set_postfix(loss=f"{terms[0]:.4f}", lr=f"{lr_schedule[at_step]:.2e}",
+                             img_s=f"{len(epoch_terms) * global_batch / (time.time() - start_time):.0f}")
         return stop_votes > 0
 
     for epoch in range(start_step // iters_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start_batch=step - epoch * iters_per_epoch)
         progress = tqdm(loader, desc=f"epoch {epoch}", disable=not common.is_main_process(), dynamic_ncols=True,
                         initial=step - epoch * iters_per_epoch, total=iters_per_epoch)
-        epoch_losses, start_time, stopping = [], time.time(), False
+        epoch_terms, start_time, stopping = [], time.time(), False
         for batch, _ in progress:
             if args.gpu_augment:  # decode + augment here, with a per-step seed (reproducible on resume)
                 generator = torch.Generator().manual_seed(common.mix_seed(args.seed, rank, step, 1))
@@ -501,9 +503,10 @@ def main(args):
         last = stats.flush()
         stopping = (last is not None and check(last, step - 1)) or stopping
         if step % iters_per_epoch == 0:  # a complete epoch: log it
-            record = dict(epoch=epoch, step=step, train_loss=sum(epoch_losses) / max(len(epoch_losses), 1),
+            means = [sum(column) / len(column) for column in zip(*epoch_terms)]
+            record = dict(epoch=epoch, step=step, **dict(zip(term_names, means)),
                           lr=lr_schedule[step - 1], wd=wd_schedule[step - 1],
-                          images_per_s=len(epoch_losses) * global_batch / (time.time() - start_time),
+                          images_per_s=len(epoch_terms) * global_batch / (time.time() - start_time),
                           skipped_images=int(dataset.num_skipped),
                           time=str(datetime.timedelta(seconds=int(time.time() - start_time))))
             if common.is_main_process():
