@@ -370,6 +370,16 @@ def build_dataset(data_path, train=True, synthetic_shapes=((3, 224, 224),), raw=
                                 f"per class with .jpg/.png/... files inside. ({err})") from None
 
 
+def random_subset(dataset, size, seed=0):
+    """A seeded random subset of `size` images (--subset, for quick experiments); the data set itself for 0."""
+    if not size:
+        return dataset
+    if size > len(dataset):
+        raise ValueError(f"--subset {size} exceeds the {len(dataset)} images of the data set.")
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return torch.utils.data.Subset(dataset, sorted(indices.tolist()))
+
+
 def read_encoded(path):
     """--gpu_augment loader: a complete JPEG file as its bytes (a 1-D uint8 tensor, decoded later on the
     device); any other image (PNG, truncated JPEG...) decoded here, as a uint8 [3, H, W] tensor."""

@@ -92,6 +92,8 @@ def get_args_parser():
     group = parser.add_argument_group("misc")
     group.add_argument("--data_path", default="fashion-mnist", help="ImageFolder directory, 'fashion-mnist' "
                        "or 'synthetic'.")
+    group.add_argument("--subset", type=int, default=0, help="Train on a seeded random subset of this many "
+                       "images (0: all of them), for quick experiments.")
     group.add_argument("--output_dir", default="output", help="Checkpoints and log.txt; a run resumes "
                        "automatically from output_dir/checkpoint.pth.")
     group.add_argument("--saveckp_freq", type=int, default=20, help="Also keep checkpointNNNN.pth every N epochs.")
@@ -305,6 +307,7 @@ def main(args):
         args.local_crops_scale, color_jitter=(0.4, 0.4, 0.2, 0.1), blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2, 0.0))
     if not args.benchmark:
         base = common.build_dataset(args.data_path, synthetic_shapes=augmentation.crop_shapes, raw=args.gpu_augment)
+        base = common.random_subset(base, args.subset, args.seed)
         dataset = common.AugmentedDataset(base, None if args.gpu_augment else augmentation, args.seed)
         loader, sampler = common.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed,
                                               common.collate_raw if args.gpu_augment else None)

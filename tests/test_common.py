@@ -342,3 +342,13 @@ def test_two_process_sampler_gives_disjoint_shards_covering_the_data(tmp_path):
     assert ranks[0]["0_0"] != ranks[0]["1_0"]  # reshuffled every epoch
     for rank in ranks:  # resuming at batch 2 skips exactly the first two batches of that epoch
         assert rank["1_2"] == rank["1_0"][2 * 4:]
+
+
+def test_random_subset_is_seeded_and_checked():
+    dataset = common.SyntheticDataset([(1,)], length=50)
+    subset = common.random_subset(dataset, 10, seed=3)
+    assert len(subset) == 10 and subset.indices == common.random_subset(dataset, 10, seed=3).indices
+    assert subset.indices != common.random_subset(dataset, 10, seed=4).indices
+    assert common.random_subset(dataset, 0) is dataset
+    with pytest.raises(ValueError, match="--subset 60"):
+        common.random_subset(dataset, 60)

@@ -1,0 +1,24 @@
+# rob: the two commands of the README, and the measurements behind its tables.
+PYTHON ?= python3
+export HF_HUB_OFFLINE = 1
+
+.PHONY: install test demo reproduce gpu-check
+
+install:  ## the pinned requirements (+ Debian's Fashion-MNIST when it is missing and apt is there)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	@[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || ! command -v apt-get >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
+	  echo "Fashion-MNIST will be downloaded by torchvision on first use"
+
+test: install  ## the test suite (about 10 minutes on 2 CPU cores)
+	$(PYTHON) -m pip install -q pytest
+	$(PYTHON) -m pytest tests -q
+
+demo: install  ## RoB-DINO vs plain DINO on Fashion-MNIST from the shipped teacher, evaluated (CPU, < 10 minutes)
+	bash reproduce/demo.sh
+
+reproduce:  ## the README's Fashion-MNIST table, all four methods (hours on 2 CPU cores)
+	bash reproduce/fashion_mnist.sh
+
+gpu-check:  ## the README's GPU tables (one GPU, about 6 minutes)
+	bash benchmarks/gpu_check.sh bench_out
