@@ -13,6 +13,9 @@ STUDENT_EPOCHS=${STUDENT_EPOCHS:-2}
 DATA="--data_path fashion-mnist --gpu_augment --num_workers 1 --global_crops_size 28 --local_crops_size 14
       --local_crops_number 4 --global_crops_scale 0.4 1 --local_crops_scale 0.1 0.4 --patch_size 7
       --batch_size_per_gpu 256 --drop_path_rate 0"
+# plain-method-only flags: DINO/iBOT's own default teacher temperature (0.04) for these short runs; the RoB
+# students keep the recipe's 0.07 for the frozen teacher
+declare -A PLAIN_ONLY=([dino]="" [ibot]="--teacher_temp 0.04 --teacher_patch_temp 0.04" [msn]="" [swav]="")
 declare -A HEAD=(
   [dino]="--out_dim 4096 --hidden_dim 512 --bottleneck_dim 128 --lr 1e-3 --warmup_teacher_temp_epochs 3"
   [ibot]="--out_dim 4096 --patch_out_dim 4096 --hidden_dim 512 --bottleneck_dim 128 --lr 1e-3 --warmup_teacher_temp_epochs 3"
@@ -29,12 +32,12 @@ evaluate() {  # $1 checkpoint, $2 key (student / teacher), $3 output folder, $4 
 for method in "${@:-dino ibot msn swav}"; do
   for m in $method; do
     # (1) the teacher: the plain method, a larger model trained longer
-    python rob_$m.py --teacher ${PLAIN[$m]} --student vit_nano $DATA ${HEAD[$m]} --epochs $TEACHER_EPOCHS \
+    python rob_$m.py --teacher ${PLAIN[$m]} --student vit_nano $DATA ${HEAD[$m]} ${PLAIN_ONLY[$m]} --epochs $TEACHER_EPOCHS \
       --warmup_epochs 1 --saveckp_freq 2 --output_dir $RUNS/${m}_teacher
     # (2) the small student by RoB from that teacher, (3) the same student by the plain method, same budget
     python rob_$m.py --teacher $RUNS/${m}_teacher/checkpoint.pth --student vit_pico $DATA \
       ${HEAD[$m]} --epochs $STUDENT_EPOCHS --warmup_epochs 1 --output_dir $RUNS/${m}_rob_student
-    python rob_$m.py --teacher ${PLAIN[$m]} --student vit_pico $DATA ${HEAD[$m]} --epochs $STUDENT_EPOCHS \
+    python rob_$m.py --teacher ${PLAIN[$m]} --student vit_pico $DATA ${HEAD[$m]} ${PLAIN_ONLY[$m]} --epochs $STUDENT_EPOCHS \
       --warmup_epochs 1 --output_dir $RUNS/${m}_plain_student
     evaluate $RUNS/${m}_teacher/checkpoint.pth teacher $RUNS/${m}_teacher $m
     evaluate $RUNS/${m}_rob_student/checkpoint.pth student $RUNS/${m}_rob_student $m

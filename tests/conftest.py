@@ -49,3 +49,45 @@ def fashion_mnist_folder(tmp_path_factory):
 def small_folder(tmp_path_factory):
     """3 classes x 8 real Fashion-MNIST images: 3 steps of a global batch of 8."""
     return make_image_folder(tmp_path_factory.mktemp("fmnist24"), classes=3, per_class=8)
+
+
+ASSETS = ROOT / "assets"
+KNN_MARGIN = 5.0  # points of k-NN top-1 that a short run from a shipped teacher must add to a random initialisation
+FMNIST_RUN = ["--data_path", "fashion-mnist", "--global_crops_size", "28", "--local_crops_size", "14",
+              "--local_crops_number", "4", "--global_crops_scale", "0.4", "1", "--local_crops_scale", "0.1", "0.4",
+              "--patch_size", "7", "--batch_size_per_gpu", "256", "--drop_path_rate", "0", "--lr", "1e-3",
+              "--warmup_epochs", "1", "--num_workers", "1", "--saveckp_freq", "0"]
+
+
+def fashion_mnist_knn(checkpoint, checkpoint_key=None, n_train=5000, n_test=2000):
+    """k-NN (k 20, T 0.07) top-1 of a checkpoint's backbone on a fixed part of Fashion-MNIST (real data)."""
+    import eval_linear
+    import torch
+    model, _ = eval_linear.load_backbone(str(checkpoint), checkpoint_key=checkpoint_key, img_size=28)
+    images, labels = [], []
+    for train, n in ((True, n_train), (False, n_test)):
+        x, y = common_fashion_mnist(train)
+        images.append(x[:n])
+        labels.append(y[:n])
+    mean, std = torch.tensor((0.485, 0.456, 0.406))[:, None, None], torch.tensor((0.229, 0.224, 0.225))[:, None, None]
+    with torch.no_grad():
+        features = [torch.cat([model(((x[i:i + 500, None].float() / 255).expand(-1, 3, -1, -1) - mean) / std)
+                               for i in range(0, len(x), 500)]) for x in images]
+    knn = eval_linear.knn_classifier(features[0], labels[0], features[1], labels[1], [20], 0.07, 10)
+    return knn[20][0]
+
+
+def common_fashion_mnist(train):
+    import common
+    return common.load_fashion_mnist(train)
+
+
+def random_init_checkpoint(path, student="vit_pico", seed=0):
+    """A rob_*.py-style checkpoint of a randomly initialised student: the 'before training' reference."""
+    import common
+    import torch
+    torch.manual_seed(seed)
+    model, _, arch = common.build_student(student, 28, 7)
+    torch.save(dict(method="rob_dino", arch=arch, student={f"backbone.{k}": v for k, v in model.state_dict().items()}),
+               path)
+    return path

@@ -13,7 +13,8 @@ import torch
 
 import common
 import rob_dino
-from conftest import OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, run_script
+from conftest import (ASSETS, FMNIST_RUN, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, fashion_mnist_knn,
+                      random_init_checkpoint, run_script)
 
 DINO_TINY = OFFICIAL_TINY / "dino_tiny_full_checkpoint.pth"
 TINY_RUN = ["--student", "test_vit", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -228,3 +229,31 @@ def test_compiled_step_gives_the_eager_loss_and_weights(tmp_path, small_folder):
     eager, compiled = student_weights(tmp_path / "eager"), student_weights(tmp_path / "compiled")
     for name in eager:  # Adam turns float-rounding differences of near-zero gradients into steps up to ~lr
         torch.testing.assert_close(eager[name], compiled[name], atol=1e-4, rtol=0)
+
+
+def test_fashion_mnist_run_raises_knn_on_both_augmentation_paths(tmp_path):
+    """Real data, the shipped teacher: a short RoB-DINO run lifts a small ViT's k-NN far above its random
+    initialisation, and --gpu_augment (run here on CPU tensors) does as well as the per-image PIL path."""
+    before = fashion_mnist_knn(random_init_checkpoint(tmp_path / "init.pth"))
+    after = {}
+    for path, flags in (("pil", []), ("gpu_augment", ["--gpu_augment"])):
+        run_script(["rob_dino.py", "--student", "vit_pico", "--teacher", ASSETS / "fmnist_dino_vit_nano.pth",
+                    *FMNIST_RUN, *flags, "--subset", "4096", "--epochs", "2", "--output_dir", tmp_path / path],
+                   env={"OMP_NUM_THREADS": "2"})
+        after[path] = fashion_mnist_knn(tmp_path / path / "checkpoint.pth")
+    assert min(after.values()) > before + KNN_MARGIN, (before, after)
+    assert abs(after["pil"] - after["gpu_augment"]) < 3.0, after
+
+
+def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path, small_folder):
+    args = TINY_RUN[:] + ["--data_path", small_folder, "--batch_size_per_gpu", "8", "--output_dir", tmp_path / "run"]
+    run_script(["rob_dino.py", *args, "--epochs", "1"])  # a good epoch: checkpoint at step 3
+    before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
+    poisoned = common.load_file(DINO_TINY)
+    poisoned["teacher"]["head.mlp.0.bias"][0] = float("nan")  # the teacher's outputs, hence the loss, become NaN
+    torch.save(poisoned, tmp_path / "nan_teacher.pth")
+    args[args.index(DINO_TINY)] = tmp_path / "nan_teacher.pth"
+    result = run_script(["rob_dino.py", *args, "--epochs", "2"], check=False)  # resumes at step 3, then NaN
+    assert result.returncode != 0
+    assert re.search(r"non-finite loss nan at step 3\b", result.stderr), result.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
