@@ -42,14 +42,14 @@ def get_args_parser():
     parser = argparse.ArgumentParser("RoB-DINO", add_help=False)
     group = parser.add_argument_group("model")
     group.add_argument("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base, resnet18, resnet34, "
-                       "resnet50, mobilenet_v3 or any timm model name.")
+                       "resnet50, mobilenet_v3, vit_nano, vit_pico (small images) or any timm name.")
     group.add_argument("--teacher", default="dino_vitb16", help=f"{', '.join(TEACHERS)}; a local DINO full "
                        "checkpoint (backbone + head); a checkpoint.pth of this script (a RoB-DINO student or a "
                        "--teacher ema run teaches the next student); or 'ema' for the plain-DINO baseline.")
     group.add_argument("--student_head", default="dino", choices=["dino", "mlp"], help="dino: DINO head "
                        "(MLP, L2-norm, weight-normalised last layer), sized like the teacher's; mlp: [d, 2048, K].")
     group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (default: the "
-                       "model's own, 16). Use 4 for 28-32 px images.")
+                       "model's own, 16); small images want small patches (7 at 28 px).")
     group.add_argument("--drop_path_rate", type=float, default=0.1, help="Student stochastic depth.")
     group = parser.add_argument_group("temperatures and pairing")
     group.add_argument("--teacher_temp", type=float, default=0.07, help="Teacher softmax temperature.")

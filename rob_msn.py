@@ -46,12 +46,12 @@ def get_args_parser():
     parser = argparse.ArgumentParser("RoB-MSN", add_help=False)
     group = parser.add_argument_group("model")
     group.add_argument("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base, resnet18, resnet34, "
-                       "resnet50, mobilenet_v3 or any timm model name.")
+                       "resnet50, mobilenet_v3, vit_nano, vit_pico (small images) or any timm name.")
     group.add_argument("--teacher", default="msn_vitl16", help=f"{', '.join(TEACHERS)}; a local MSN release "
                        "({target_encoder, prototypes}); a checkpoint.pth of this script (a --teacher ema run, or a "
                        "RoB-MSN student, teaches the next student); or 'ema' for the plain-MSN baseline.")
     group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (default: the "
-                       "model's own, 16). Use 4 for 28-32 px images.")
+                       "model's own, 16); small images want small patches (7 at 28 px).")
     group.add_argument("--drop_path_rate", type=float, default=0.0, help="Student stochastic depth (MSN: 0).")
     group.add_argument("--patch_drop", type=float, default=None, help="Fraction of the patch tokens of the "
                        "student's global crops dropped at random (per image, after the positional embeddings; CLS "

@@ -60,7 +60,7 @@ def get_args_parser():
                        "config. Default: own SwAV head [d, 2048, 128] + L2-norm + own prototypes (small students).")
     group.add_argument("--hidden_mlp", type=int, default=2048, help="Hidden width of the student's projection head.")
     group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (default: the "
-                       "model's own, 16). Use 4 for 28-32 px images.")
+                       "model's own, 16); small images want small patches (7 at 28 px).")
     group.add_argument("--drop_path_rate", type=float, default=0.0, help="Student stochastic depth (0.1 for ViT-S).")
     group = parser.add_argument_group("codes, temperature and pairing")
     group.add_argument("--epsilon", type=float, default=None, help="Sinkhorn regularisation: lower = sharper codes "
