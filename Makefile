@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install test demo reproduce gpu-check
+.PHONY: install test test-slow demo reproduce gpu-check
 
 install:  ## the pinned requirements (+ Debian's Fashion-MNIST when it is missing and apt is there)
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -12,7 +12,11 @@ install:  ## the pinned requirements (+ Debian's Fashion-MNIST when it is missin
 
 test: install  ## the test suite (about 10 minutes on 2 CPU cores)
 	$(PYTHON) -m pip install -q pytest
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -m "not slow"
+
+test-slow: install  ## the Fashion-MNIST training runs per method (a few minutes each on 2 CPU cores)
+	$(PYTHON) -m pip install -q pytest
+	$(PYTHON) -m pytest tests -q -m slow
 
 demo: install  ## RoB-DINO vs plain DINO on Fashion-MNIST from the shipped teacher, evaluated (CPU, < 10 minutes)
 	bash reproduce/demo.sh

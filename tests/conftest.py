@@ -52,11 +52,27 @@ def small_folder(tmp_path_factory):
 
 
 ASSETS = ROOT / "assets"
-KNN_MARGIN = 5.0  # points of k-NN top-1 that a short run from a shipped teacher must add to a random initialisation
-FMNIST_RUN = ["--data_path", "fashion-mnist", "--global_crops_size", "28", "--local_crops_size", "14",
-              "--local_crops_number", "4", "--global_crops_scale", "0.4", "1", "--local_crops_scale", "0.1", "0.4",
-              "--patch_size", "7", "--batch_size_per_gpu", "256", "--drop_path_rate", "0", "--lr", "1e-3",
-              "--warmup_epochs", "1", "--num_workers", "1", "--saveckp_freq", "0"]
+KNN_MARGIN = 3.0  # points of k-NN top-1 (on 2,000 test images) a short run from a shipped teacher adds to random init
+# A short RoB run on real data: vit_pico (patch 7) on a 12,800-image subset of Fashion-MNIST, 3 epochs of 100 steps.
+# Shorter runs sit in the dip that distillation from a small, near-uniform teacher starts with (k-NN first falls
+# below the random initialisation's, then climbs: 54.5 after 200 steps of 64, 63.1 after 300 of 128 from 58.1).
+FMNIST_RUN = ["--student", "vit_pico", "--data_path", "fashion-mnist", "--global_crops_size", "28",
+              "--local_crops_size", "14", "--local_crops_number", "4", "--global_crops_scale", "0.4", "1",
+              "--local_crops_scale", "0.1", "0.4", "--patch_size", "7", "--batch_size_per_gpu", "128",
+              "--drop_path_rate", "0", "--lr", "2e-3", "--warmup_epochs", "1", "--num_workers", "1",
+              "--saveckp_freq", "0", "--subset", "12800", "--epochs", "3"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a Fashion-MNIST training run of minutes (make test-slow)")
+
+
+def rob_knn_gain(script, teacher, out, extra=()):
+    """k-NN top-1 of a random vit_pico, and of the same after a short RoB run of `script` from `teacher`."""
+    before = fashion_mnist_knn(random_init_checkpoint(out.parent / "init.pth"))
+    run_script([script, "--teacher", teacher, *FMNIST_RUN, *extra, "--output_dir", out],
+               env={"OMP_NUM_THREADS": "2"})
+    return before, fashion_mnist_knn(out / "checkpoint.pth")
 
 
 def fashion_mnist_knn(checkpoint, checkpoint_key=None, n_train=5000, n_test=2000):

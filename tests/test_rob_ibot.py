@@ -15,8 +15,8 @@ import torch
 
 import common
 import rob_ibot
-from conftest import (ASSETS, FMNIST_RUN, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, fashion_mnist_knn,
-                      random_init_checkpoint, run_script)
+from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain,
+                      run_script)
 
 IBOT_TINY = OFFICIAL_TINY / "ibot_tiny_checkpoint.pth"
 # test_vit student with the tiny teacher's patch size (16) at 64 px: a 4 x 4 patch grid
@@ -411,11 +411,8 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_folder, capsy
     assert logged == set(range(8))  # every epoch logged (one killed between log and checkpoint is logged twice)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_run_raises_knn(tmp_path):
     """Real data, the shipped teacher: a short RoB-iBOT run lifts a small ViT's k-NN far above its random init."""
-    before = fashion_mnist_knn(random_init_checkpoint(tmp_path / "init.pth"))
-    run_script(["rob_ibot.py", "--student", "vit_pico", "--teacher", ASSETS / "fmnist_ibot_vit_nano.pth", *FMNIST_RUN,
-                "--gpu_augment", "--subset", "4096", "--epochs", "2", "--output_dir", tmp_path / "run"],
-               env={"OMP_NUM_THREADS": "2"})
-    after = fashion_mnist_knn(tmp_path / "run" / "checkpoint.pth")
+    before, after = rob_knn_gain("rob_ibot.py", ASSETS / "fmnist_ibot_vit_nano.pth", tmp_path / "run", ["--gpu_augment"])
     assert after > before + KNN_MARGIN, (before, after)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import common
 import rob_msn
-from conftest import (ASSETS, FMNIST_RUN, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, fashion_mnist_knn,
-                      random_init_checkpoint, run_script)
+from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain,
+                      run_script)
 
 MSN_TINY = OFFICIAL_TINY / "msn_tiny.pth.tar"
 TINY = ["--student", "test_vit", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -368,11 +368,8 @@ def test_baseline_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_fold
     assert logged == set(range(4))
 
 
+@pytest.mark.slow
 def test_fashion_mnist_run_raises_knn(tmp_path):
     """Real data, the shipped teacher: a short RoB-MSN run lifts a small ViT's k-NN far above its random init."""
-    before = fashion_mnist_knn(random_init_checkpoint(tmp_path / "init.pth"))
-    run_script(["rob_msn.py", "--student", "vit_pico", "--teacher", ASSETS / "fmnist_msn_vit_nano.pth", *FMNIST_RUN,
-                "--gpu_augment", "--subset", "4096", "--epochs", "2", "--output_dir", tmp_path / "run"],
-               env={"OMP_NUM_THREADS": "2"})
-    after = fashion_mnist_knn(tmp_path / "run" / "checkpoint.pth")
+    before, after = rob_knn_gain("rob_msn.py", ASSETS / "fmnist_msn_vit_nano.pth", tmp_path / "run", ["--gpu_augment"])
     assert after > before + KNN_MARGIN, (before, after)
