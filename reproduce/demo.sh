@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/demo}; TEACHER=${TEACHER:-assets/fmnist_dino_vit_nano.pth}
-DATA="--data_path fashion-mnist --subset ${SUBSET:-20000} --epochs 2 --warmup_epochs 1 --gpu_augment --num_workers 1
-      --global_crops_size 28 --local_crops_size 14 --local_crops_number 4 --global_crops_scale 0.4 1
-      --local_crops_scale 0.1 0.4 --patch_size 7 --batch_size_per_gpu 256 --drop_path_rate 0 --lr 1e-3"
+# the same budget for both students: 3 epochs of a 12,800-image subset, batch 128 (300 steps)
+DATA="--data_path fashion-mnist --subset ${SUBSET:-12800} --epochs ${EPOCHS:-3} --warmup_epochs 1 --gpu_augment
+      --num_workers 1 --global_crops_size 28 --local_crops_size 14 --local_crops_number 4 --global_crops_scale 0.4 1
+      --local_crops_scale 0.1 0.4 --patch_size 7 --batch_size_per_gpu 128 --drop_path_rate 0 --lr 2e-3"
 python rob_dino.py --student vit_pico --teacher $TEACHER $DATA --output_dir $OUT/rob_dino_student
 python rob_dino.py --student vit_pico --teacher ema --out_dim 4096 --hidden_dim 512 --bottleneck_dim 128 \
   --warmup_teacher_temp_epochs 1 $DATA --output_dir $OUT/plain_dino_student
