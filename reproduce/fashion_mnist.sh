@@ -36,6 +36,15 @@ evaluate() {  # $1 checkpoint, $2 key (student / teacher), $3 output folder, $4 
     --knn --nb_knn 20 --linear --epochs 20 $extra --batch_size_per_gpu 500 --num_workers 1 --output_dir "$3"
 }
 
+# (0) the reference: the student at its random initialisation (seed 0), evaluated the same way
+if [ ! -f $RUNS/random_init/eval_log.txt ]; then
+  mkdir -p $RUNS/random_init
+  python -c "import sys, torch, common; torch.manual_seed(0); model, _, arch = common.build_student('vit_pico', 28, 7)
+torch.save(dict(method='rob_dino', arch=arch, student={'backbone.' + k: v for k, v in model.state_dict().items()}),
+           sys.argv[1])" $RUNS/random_init/checkpoint.pth
+  evaluate $RUNS/random_init/checkpoint.pth student $RUNS/random_init msn
+fi
+
 for method in "${@:-dino ibot msn swav}"; do
   for m in $method; do
     # (1) the teacher: the plain method, a larger model trained longer

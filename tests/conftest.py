@@ -70,7 +70,7 @@ def pytest_configure(config):
 def rob_knn_gain(script, teacher, out, extra=()):
     """k-NN top-1 of a random vit_pico, and of the same after a short RoB run of `script` from `teacher`."""
     before = fashion_mnist_knn(random_init_checkpoint(out.parent / "init.pth"))
-    run_script([script, "--teacher", teacher, *FMNIST_RUN, *extra, "--output_dir", out],
+    run_script([script, "--teacher", teacher, *FMNIST_RUN, *extra, "--output_dir", out], timeout=1800,
                env={"OMP_NUM_THREADS": "2"})
     return before, fashion_mnist_knn(out / "checkpoint.pth")
 
