@@ -29,6 +29,7 @@ declare -A HEAD=(
   [msn]="--out_dim 1024 --hidden_dim 512 --bottleneck_dim 128 --lr 1e-3"
   [swav]="--hidden_mlp 512 --feat_dim 128 --nmb_prototypes 1000 --optimizer adamw --lr 1e-3 --freeze_prototypes_niters 234")
 declare -A PLAIN=([dino]=ema [ibot]=ema [msn]=ema [swav]=self)
+declare -A TEACHER_KEY=([dino]=teacher [ibot]=teacher [msn]=teacher [swav]=student)  # SwAV trains one network
 
 evaluate() {  # $1 checkpoint, $2 key (student / teacher), $3 output folder, $4 method
   local extra=""; [ "$4" = msn ] && extra="--low_shot"
@@ -55,7 +56,7 @@ for method in "${@:-dino ibot msn swav}"; do
       ${HEAD[$m]} $STUDENT --warmup_epochs 1 --output_dir $RUNS/${m}_rob_student
     python rob_$m.py --teacher ${PLAIN[$m]} --student vit_pico $DATA ${HEAD[$m]} ${PLAIN_ONLY[$m]} $STUDENT \
       ${PLAIN_STUDENT[$m]} --warmup_epochs 1 --output_dir $RUNS/${m}_plain_student
-    evaluate $RUNS/${m}_teacher/checkpoint.pth teacher $RUNS/${m}_teacher $m
+    evaluate $RUNS/${m}_teacher/checkpoint.pth ${TEACHER_KEY[$m]} $RUNS/${m}_teacher $m
     evaluate $RUNS/${m}_rob_student/checkpoint.pth student $RUNS/${m}_rob_student $m
     evaluate $RUNS/${m}_plain_student/checkpoint.pth student $RUNS/${m}_plain_student $m
   done
