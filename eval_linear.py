@@ -101,9 +101,8 @@ def load_backbone(path, arch=None, checkpoint_key=None, num_heads=None, patch_si
         if "method" in ckpt:  # its architecture is recorded
             model = common.create_backbone(ckpt["arch"])
             common.load_strict(model, sd, path, f"{ckpt['method']}.py checkpoint, {key} backbone")
-            shape = {k: v for k, v in ckpt["arch"]["kwargs"].items() if k in ("embed_dim", "depth", "patch_size")}
-            return model.eval(), f"{ckpt['method']} {key} ({ckpt['arch']['name']}{', ' if shape else ''}" \
-                f"{', '.join(f'{k} {v}' for k, v in shape.items())})"
+            shape = [f"{k} {v}" for k, v in ckpt["arch"]["kwargs"].items() if k in ("embed_dim", "depth", "patch_size")]
+            return model.eval(), f"{ckpt['method']} {key} ({', '.join([ckpt['arch']['name'], *shape])})"
         kind, arch_name = f"DINO / iBOT full checkpoint, {key}", getattr(ckpt.get("args"), "arch", None)
     elif isinstance(ckpt.get("target_encoder"), dict):  # MSN: the encoder without its projection MLP (fc.*)
         sd = common.strip_prefix(ckpt["target_encoder"], "module.")
