@@ -1,31 +1,46 @@
-"""Method-agnostic pieces shared by rob_dino.py, rob_ibot.py, rob_msn.py, rob_swav.py and eval_linear.py:
-distributed set-up, data (ImageFolder / Fashion-MNIST / synthetic, multi-crop augmentation, loader), model
-builders and checkpoint I/O. Everything that defines a method (its head, loss, pairing, schedule and training
-step) lives in that method's own file."""
+"""What no method owns, shared by rob_dino.py, rob_ibot.py, rob_msn.py, rob_swav.py and eval_linear.py:
+distributed set-up, data (datasets, the multi-crop augmentation, the resumable loader), model builders and
+checkpoint I/O, with the errors a user can fix. A method's head, loss, pairing, schedules and training step live
+in that method's file; the run machinery of the training loops in training.py; --gpu_augment's batched
+augmentation in gpu_augment.py."""
 import argparse
 import atexit
+import errno
 import gzip
 import hashlib
+import io
 import math
 import multiprocessing
 import os
 import random
 import signal
-import time
 import warnings
 from pathlib import Path
 
-import numpy
 import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+class UserError(ValueError):
+    """Something the user controls is wrong (a flag, a path, a file): reported as one line that names the fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    pass
+
+
+class UnreadableFileError(UserError, RuntimeError):
+    pass
 
 
 # ------------------------------------------------------------------------------------------- distributed
@@ -100,7 +115,8 @@ class MultiCropAugmentation:
     """Multi-crop augmentation (DINO, iBOT, MSN and SwAV recipes): `global_crops_number` large crops and
     `local_crops_number` small ones of one image, each with random-resized crop, flip, colour jitter,
     grayscale, Gaussian blur and solarisation. Blur and solarise probabilities are given per crop kind as
-    (first global, other globals, locals). Returns a list of normalised float tensors, globals first."""
+    (first global, other globals, locals). Returns a list of normalised float tensors, globals first.
+    `batch()` is the same on a batch of images at once (gpu_augment.py)."""
 
     def __init__(self, global_crops_size=224, local_crops_size=96, global_crops_number=2, local_crops_number=8,
                  global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), color_jitter=(0.4, 0.4, 0.2, 0.1),
@@ -111,6 +127,7 @@ class MultiCropAugmentation:
         self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
         self.color_jitter, self.color_jitter_p, self.grayscale_p = color_jitter, color_jitter_p, grayscale_p
         self.blur_p, self.solarize_p, self.mean, self.std = blur_p, solarize_p, mean, std
+        self.interpolation = interpolation
         interp = T.InterpolationMode(interpolation)
 
         def crop_pipeline(size, scale, blur, solarize):
@@ -136,26 +153,8 @@ class MultiCropAugmentation:
                 + [self.local_transform(img) for _ in range(self.local_crops_number)])
 
     def batch(self, images, generator=None):
-        """The same augmentation on a whole batch of uint8 images at once, on their device (--gpu_augment):
-        `images` is a [B, C, H, W] tensor or a list of [C, H_i, W_i] tensors (C = 1 or 3). The parameters are
-        drawn per image and crop from the same distributions as the per-image path; crops are cut and resized
-        with roi_align (bilinear with area averaging) instead of PIL's bicubic filter. Returns the crop list."""
-        sizes = torch.tensor([(img.shape[-2], img.shape[-1]) for img in images], dtype=torch.float64)
-        n_crops = self.global_crops_number + self.local_crops_number
-        kinds = [(self.global_crops_size, self.global_crops_scale, [min(i, 1) for i in range(self.global_crops_number)]),
-                 (self.local_crops_size, self.local_crops_scale, [2] * self.local_crops_number)]
-        crops = []
-        for size, scale, blur_index in kinds:
-            n = len(blur_index)
-            if n == 0:
-                continue
-            boxes = random_resized_crop_boxes(sizes.repeat_interleave(n, 0), scale, generator)  # image-major
-            x = crop_and_resize(images, boxes, n, size)
-            x = x.unflatten(0, (len(images), n)).transpose(0, 1).flatten(0, 1)  # crop-major: crop k of image b at k * B + b
-            x = color_augment(x, self, torch.tensor(blur_index).repeat_interleave(len(images)), generator)
-            crops += list(x.chunk(n))
-        assert len(crops) == n_crops
-        return crops
+        import gpu_augment
+        return gpu_augment.multi_crop(self, images, generator)
 
 
 def eval_transform(size=224, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -163,119 +162,6 @@ def eval_transform(size=224, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     resize = resize or int(round(size / 0.875))
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                       T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
-
-
-def _uniform(n, low, high, generator):
-    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
-
-
-def random_resized_crop_boxes(sizes, scale, generator=None, ratio=(3 / 4, 4 / 3), attempts=10):
-    """Vectorised torchvision RandomResizedCrop parameters for images of `sizes` [N, 2] (height, width):
-    up to 10 draws of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio), the first that fits,
-    else a centre crop. Returns boxes [N, 4] as (x1, y1, x2, y2) pixel edges."""
-    n, (height, width) = len(sizes), sizes.unbind(1)
-    area = (height * width)[:, None] * _uniform((n, attempts), *scale, generator)
-    aspect = torch.exp(_uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), generator))
-    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
-    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
-    first = fits.double().argmax(1, keepdim=True)
-    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
-    in_ratio = width / height  # fallback: the whole image, clipped to the extreme aspect ratio
-    fb_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
-    fb_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
-    w, h = torch.where(found, w, fb_w), torch.where(found, h, fb_h)
-    top = torch.where(found, torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * (height - h + 1)),
-                      torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * (width - w + 1)),
-                       torch.div(width - w, 2, rounding_mode="floor"))
-    return torch.stack([left, top, left + w, top + h], 1)
-
-
-def crop_and_resize(images, boxes, n, size):
-    """Cut n boxes per image ([B * n, 4] pixel (x1, y1, x2, y2), image-major) out of uint8 images and resize
-    them to size x size: roi_align averages ceil(box / size)^2 bilinear samples per output pixel, an
-    antialiased resize. Indexing stays on the host, so nothing waits for the GPU."""
-    from torchvision.ops import roi_align
-    device = images[0].device
-    if isinstance(images, torch.Tensor):  # same-sized images: one call
-        rois = torch.cat([torch.arange(len(images)).repeat_interleave(n)[:, None].double(), boxes], 1)
-        x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
-        return roi_align(x, to_device(rois.float(), device), size, aligned=True) / 255
-    rois = to_device(torch.cat([torch.zeros(len(boxes), 1, dtype=torch.float64), boxes], 1).float(), device)
-    out = torch.empty(len(boxes), 3, size, size, device=device)
-    for b, img in enumerate(images):  # images of varied sizes (decoded JPEGs): one call per image, n crops each
-        out[b * n:(b + 1) * n] = roi_align(img.float().expand(3, -1, -1)[None], rois[b * n:(b + 1) * n], size, aligned=True)
-    return out / 255
-
-
-def _gray(x):
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
-
-
-def _shift_hue(x, shift):
-    """Rotate the hue of RGB images x [N, 3, H, W] in [0, 1] by shift [N] (fractions of a turn), via HSV."""
-    maxc, minc = x.max(1).values, x.min(1).values
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = ((maxc[:, None] - x) / safe[:, None]).unbind(1)
-    hue = torch.where(maxc == x[:, 0], b - g, torch.where(maxc == x[:, 1], 2 + r - b, 4 + g - r))
-    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
-    hue = (hue + shift[:, None, None]) % 1.0
-    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    h6 = hue * 6
-    sector, frac = torch.floor(h6), h6 - torch.floor(h6)
-    p, q, t = maxc * (1 - sat), maxc * (1 - sat * frac), maxc * (1 - sat * (1 - frac))
-    sector = sector.long() % 6
-    table = torch.stack([torch.stack(c, 1) for c in [(maxc, t, p), (q, maxc, p), (p, maxc, t), (p, q, maxc),
-                                                      (t, p, maxc), (maxc, p, q)]], 1)  # [N, 6, 3, H, W]
-    return table.gather(1, sector[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
-
-
-def _blur(x, sigma):
-    """Separable Gaussian blur with a per-image standard deviation sigma [N] (pixels), 13 taps, reflect pad."""
-    n, c, h, w = x.shape
-    taps = torch.arange(-6, 7, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [N * C, 13]
-    y = x.reshape(1, n * c, h, w)
-    y = torch.nn.functional.conv2d(torch.nn.functional.pad(y, (6, 6, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n * c)
-    y = torch.nn.functional.conv2d(torch.nn.functional.pad(y, (0, 0, 6, 6), mode="reflect"), kernel[:, None, :, None], groups=n * c)
-    return y.reshape(n, c, h, w)
-
-
-def color_augment(x, aug, kind, generator=None):
-    """Flip, colour jitter (brightness, contrast, saturation, hue in a random order per image), grayscale,
-    blur and solarise with MultiCropAugmentation `aug`'s parameters, then normalise. x: [N, 3, S, S] in
-    [0, 1]; kind [N]: 0 first global crop, 1 other globals, 2 locals (for the blur / solarise probabilities).
-    Parameters are drawn on the CPU; each transform runs only on the images it applies to."""
-    n, dev = len(x), x.device
-    b, c, s, h = aug.color_jitter
-    u = torch.rand(n, 13, generator=generator, dtype=torch.float64)
-    factors = torch.stack([1 - b + 2 * b * u[:, 0], 1 - c + 2 * c * u[:, 1], 1 - s + 2 * s * u[:, 2],
-                           h * (2 * u[:, 3] - 1), 0.1 + 1.9 * u[:, 4]], 1)  # brightness contrast saturation hue sigma
-    factors = to_device(factors.to(x.dtype), dev)
-    order = torch.argsort(u[:, 5:9], dim=1)  # a random permutation of the four colour adjustments per image
-    jitter = u[:, 9] < aug.color_jitter_p
-    blur_p, solarize_p = (torch.tensor(p, dtype=torch.float64)[kind] for p in (aug.blur_p, aug.solarize_p))
-
-    def apply(mask, fn):  # x[mask] = fn(x[mask], that subset's factors)
-        rows = to_device(mask.nonzero()[:, 0], dev)
-        if len(rows):
-            x[rows] = fn(x[rows], factors[rows][:, :, None, None, None])
-
-    apply(torch.rand(n, generator=generator) < 0.5, lambda y, f: y.flip(-1))
-    adjustments = [lambda y, f: (y * f[:, 0]).clamp(0, 1),
-                   lambda y, f: (f[:, 1] * y + (1 - f[:, 1]) * _gray(y).mean((2, 3), keepdim=True)).clamp(0, 1),
-                   lambda y, f: (f[:, 2] * y + (1 - f[:, 2]) * _gray(y)).clamp(0, 1),
-                   lambda y, f: _shift_hue(y, f[:, 3, 0, 0, 0])]
-    for position in range(4):
-        for op, adjust in enumerate(adjustments):
-            apply(jitter & (order[:, position] == op), adjust)
-    apply(u[:, 10] < aug.grayscale_p, lambda y, f: _gray(y).expand(-1, 3, -1, -1))
-    apply(u[:, 11] < blur_p, lambda y, f: _blur(y, f[:, 4, 0, 0, 0]))
-    apply(u[:, 12] < solarize_p, lambda y, f: torch.where(y >= 128 / 255, 1 - y, y))
-    mean, std = (torch.tensor(v, device=dev, dtype=x.dtype)[None, :, None, None] for v in (aug.mean, aug.std))
-    return (x - mean) / std
 
 
 def to_device(tensor, device):
@@ -309,9 +195,9 @@ def load_fashion_mnist(train=True):
     try:
         datasets.FashionMNIST(os.path.expanduser("~/.cache/rob"), train=train, download=True)
     except Exception as err:
-        raise RuntimeError("Fashion-MNIST not found and the download failed. Install it with `apt-get install "
-                           "dataset-fashion-mnist`, or set FASHION_MNIST_DIR to a folder with the four "
-                           f"*-ubyte(.gz) files. ({err})") from err
+        raise MissingFileError("Fashion-MNIST not found and the download failed. Install it with `apt-get install "
+                               "dataset-fashion-mnist`, or set FASHION_MNIST_DIR to a folder with the four "
+                               f"*-ubyte(.gz) files. ({err})") from err
     return load_fashion_mnist(train)
 
 
@@ -355,19 +241,22 @@ class SyntheticDataset(Dataset):
 def build_dataset(data_path, train=True, synthetic_shapes=((3, 224, 224),), raw=False):
     """`data_path` is an ImageFolder directory (class sub-folders of images), 'fashion-mnist' or 'synthetic'.
     Returns a dataset of (PIL image, label), or of random tensors for 'synthetic'. `raw` (--gpu_augment):
-    uint8 image tensors instead, JPEG files as undecoded bytes (see read_encoded, decode_images)."""
+    uint8 image tensors instead, JPEG files as undecoded bytes (gpu_augment.read_encoded)."""
     if data_path == "fashion-mnist":
         return FashionMNIST(train, raw)
     if data_path == "synthetic":
         return SyntheticDataset([(3, 256, 256)] if raw else synthetic_shapes, raw=raw)
     if not os.path.isdir(data_path):
-        raise FileNotFoundError(f"--data_path {data_path} is not a folder. Give an ImageFolder directory "
-                                "(one sub-folder of images per class), 'fashion-mnist' or 'synthetic'.")
+        raise MissingFileError(f"--data_path {data_path} is not a folder. Give an ImageFolder directory "
+                               "(one sub-folder of images per class), 'fashion-mnist' or 'synthetic'.")
     try:
-        return datasets.ImageFolder(data_path, loader=read_encoded) if raw else datasets.ImageFolder(data_path)
+        if raw:
+            import gpu_augment
+            return datasets.ImageFolder(data_path, loader=gpu_augment.read_encoded)
+        return datasets.ImageFolder(data_path)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"--data_path {data_path} holds no images: an ImageFolder needs one sub-folder "
-                                f"per class with .jpg/.png/... files inside. ({err})") from None
+        raise MissingFileError(f"--data_path {data_path} holds no images: an ImageFolder needs one sub-folder "
+                               f"per class with .jpg/.png/... files inside. ({err})") from None
 
 
 def random_subset(dataset, size, seed=0):
@@ -375,67 +264,28 @@ def random_subset(dataset, size, seed=0):
     if not size:
         return dataset
     if size > len(dataset):
-        raise ValueError(f"--subset {size} exceeds the {len(dataset)} images of the data set.")
+        raise UserError(f"--subset {size} exceeds the {len(dataset)} images of the data set.")
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
     return torch.utils.data.Subset(dataset, sorted(indices.tolist()))
-
-
-def read_encoded(path):
-    """--gpu_augment loader: a complete JPEG file as its bytes (a 1-D uint8 tensor, decoded later on the
-    device); any other image (PNG, truncated JPEG...) decoded here, as a uint8 [3, H, W] tensor."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with Image.open(path) as img:
-        return torch.from_numpy(numpy.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
-
-
-def collate_raw(samples):
-    """Batch of (raw image, label): images stacked if they share a shape, else kept as a list."""
-    images, labels = zip(*samples)
-    same = all(img.ndim == 3 and img.shape == images[0].shape for img in images)
-    return (torch.stack(images) if same else list(images)), torch.tensor(labels)
-
-
-def decode_images(batch, device):
-    """--gpu_augment: raw images of a batch to uint8 tensors on `device`. JPEG bytes are decoded there in
-    one batched call (nvJPEG on a GPU); an image that fails is decoded alone on the CPU or, if unreadable,
-    replaced by another image of the batch with a warning. Returns a tensor [B, C, H, W] or a list."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    images = [img.to(device, non_blocking=True) if img.ndim == 3 else None for img in batch]
-    encoded = [i for i, img in enumerate(batch) if img.ndim == 1]
-    try:
-        decoded = decode_jpeg([batch[i] for i in encoded], mode=ImageReadMode.RGB, device=device) if encoded else []
-    except RuntimeError:  # one bad file fails the whole call: decode one by one
-        decoded = []
-        for i in encoded:
-            try:
-                decoded.append(decode_jpeg(batch[i], mode=ImageReadMode.RGB).to(device, non_blocking=True))
-            except RuntimeError as err:
-                warnings.warn(f"skipping an undecodable JPEG in the batch: {err}")
-                decoded.append(None)
-    for i, img in zip(encoded, decoded):
-        images[i] = img
-    good = [img for img in images if img is not None]
-    if not good:
-        raise RuntimeError("no image of the batch could be decoded")
-    return [img if img is not None else good[k % len(good)] for k, img in enumerate(images)]
 
 
 class AugmentedDataset(Dataset):
     """Applies `transform` to each (image, label) of `base`. Indexed by (epoch, index) keys (see
     ResumableSampler): the random state of each sample's augmentation is seeded from (seed, epoch, index), so
     the crops do not depend on the number of workers or processes and a resumed run sees the same crops. An
-    unreadable image is skipped with a warning (the next one is used instead) and counted in `num_skipped`."""
+    unreadable image is skipped with a warning (the next one is used instead) and marked in `unreadable`, a
+    flag per image shared with the loader workers: `num_skipped` counts images, not attempts. With
+    `return_index`, samples are (crops, index of the image used) instead of (crops, label)."""
 
     max_skips = 50
 
-    def __init__(self, base, transform, seed=0):
-        self.base, self.transform, self.seed = base, transform, seed
-        self.num_skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with loader workers
+    def __init__(self, base, transform, seed=0, return_index=False):
+        self.base, self.transform, self.seed, self.return_index = base, transform, seed, return_index
+        self.unreadable = torch.zeros(len(base), dtype=torch.bool).share_memory_()
+
+    @property
+    def num_skipped(self):
+        return int(self.unreadable.sum())
 
     def __len__(self):
         return len(self.base)
@@ -450,15 +300,17 @@ class AugmentedDataset(Dataset):
             except Exception as err:  # a corrupt, truncated or vanished file must not kill a long job
                 path = self.base.samples[i][0] if hasattr(self.base, "samples") else f"#{i}"
                 warnings.warn(f"skipping unreadable image {path}: {err}")
-                self.num_skipped += 1
+                self.unreadable[i] = True
         else:
-            raise RuntimeError(f"{self.max_skips} unreadable images in a row from {index}: is the dataset intact?")
+            raise UnreadableFileError(f"{self.max_skips} unreadable images in a row from image {index}: is the "
+                                      "dataset intact?")
+        tag = i if self.return_index else label
         if self.transform is None or not isinstance(image, Image.Image):
-            return image, label
+            return image, tag
         seed = mix_seed(self.seed, epoch, index)
         torch.manual_seed(seed)
         random.seed(seed)
-        return self.transform(image), label
+        return self.transform(image), tag
 
 
 class ResumableSampler(DistributedSampler):
@@ -487,8 +339,8 @@ def build_loader(dataset, batch_size, num_workers, seed=0, collate_fn=None):
     incomplete last batch dropped. Returns (loader, sampler)."""
     sampler = ResumableSampler(dataset, batch_size, seed)
     if len(sampler) < batch_size:
-        raise ValueError(f"{len(dataset)} images cannot fill one batch of {batch_size} per process on "
-                         f"{get_world_size()} process(es): lower --batch_size_per_gpu or use more data.")
+        raise UserError(f"{len(dataset)} images cannot fill one batch of {batch_size} per process on "
+                        f"{get_world_size()} process(es): lower --batch_size_per_gpu or use more data.")
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, drop_last=True,
                         collate_fn=collate_fn, worker_init_fn=_ignore_stop_signals)
@@ -511,6 +363,25 @@ def _kill_workers_at_exit():
         child.kill()
 
 
+# ------------------------------------------------------------------------- the loss rules of the four methods
+def view_pairs(n_teacher, n_crops, swapped=False):
+    """(teacher view, student crop) pairs. Same-view (RoB's default): teacher view t -> student crop t and every
+    crop that is not another teacher view (one teacher view: every crop). Swapped (the original methods' cross-view
+    pairing): teacher view t -> every student crop but t."""
+    if swapped:
+        return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s != t]
+    return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s == t or s >= n_teacher]
+
+
+def multi_crop_cross_entropy(student_logits, target_probs, pairs, student_temp):
+    """Mean over pairs of the batch-mean cross-entropy H(target_probs[t], softmax(student_logits[s] / T)).
+    student_logits: [n_crops * B, K], target_probs: [n_teacher * B, K], both crop-major; in fp32."""
+    n_crops, n_teacher = max(s for _, s in pairs) + 1, max(t for t, _ in pairs) + 1
+    student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1).chunk(n_crops)
+    targets = target_probs.chunk(n_teacher)
+    return sum(-(targets[t] * student_log_probs[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
+
+
 # ----------------------------------------------------------------------------------------------- models
 STUDENT_ALIASES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
                    "vit_base": "vit_base_patch16_224", "resnet18": "resnet18", "resnet34": "resnet34",
@@ -527,14 +398,23 @@ def is_vit(model):
     return isinstance(model, timm.models.vision_transformer.VisionTransformer)
 
 
+def is_vit_name(name):
+    """Whether build_student(name) gives a ViT (for per-student defaults, before the model exists)."""
+    return timm.models.is_model_in_modules(STUDENT_ALIASES.get(name, name), ["vision_transformer"])
+
+
 def feature_dim(model):
     """Width of the pooled feature a num_classes=0 timm model returns."""
     return getattr(model, "head_hidden_size", None) or model.num_features
 
 
 def create_backbone(arch):
-    """Rebuild a backbone from its arch record dict(name=timm model name, kwargs=create_model kwargs)."""
-    return timm.create_model(arch["name"], pretrained=False, **arch["kwargs"])
+    """Rebuild a backbone from its arch record dict(name=timm model name, kwargs=create_model kwargs,
+    pooled_features=True for a MobileNetV3 read at its pooled last stage)."""
+    model = timm.create_model(arch["name"], pretrained=False, **arch["kwargs"])
+    if arch.get("pooled_features"):  # MobileNetV3: the 960-d pooled features, without the 1280-d conv head
+        model.conv_head, model.act2, model.head_hidden_size = nn.Identity(), nn.Identity(), model.num_features
+    return model
 
 
 def build_student(name, img_size=224, patch_size=None, drop_path_rate=0.0):
@@ -544,14 +424,18 @@ def build_student(name, img_size=224, patch_size=None, drop_path_rate=0.0):
     overrides for small images. Returns (model, feature width, arch record for create_backbone)."""
     timm_name = STUDENT_ALIASES.get(name, name)
     if not timm.is_model(timm_name):
-        raise ValueError(f"unknown student '{name}': use one of {', '.join(STUDENT_ALIASES)} or any "
-                         "timm model name (see timm.list_models()).")
+        raise UserError(f"unknown student '{name}': use one of {', '.join(STUDENT_ALIASES)} or any "
+                        "timm model name (see timm.list_models()).")
     kwargs = dict(num_classes=0, drop_path_rate=drop_path_rate, **SMALL_VITS.get(name, {}))
+    arch = dict(name=timm_name, kwargs=kwargs)
     if timm.models.is_model_in_modules(timm_name, ["vision_transformer"]):
         kwargs.update(img_size=img_size, dynamic_img_size=True)
         if patch_size:
             kwargs["patch_size"] = patch_size
-    arch = dict(name=timm_name, kwargs=kwargs)
+    elif timm.models.is_model_in_modules(timm_name, ["resnet"]):
+        kwargs["zero_init_last"] = False  # torchvision's initialisation, as the reference (no zero-init residual)
+    elif timm.models.is_model_in_modules(timm_name, ["mobilenetv3"]):
+        arch["pooled_features"] = True  # the reference reads the 960-d pooled features (torchvision's layout)
     model = create_backbone(arch)
     return model, feature_dim(model), arch
 
@@ -569,6 +453,20 @@ def build_teacher_backbone(name, patch_size=16, img_size=224):
     return create_backbone(arch), arch
 
 
+def projection_mlp(in_dim, hidden_dim, out_dim, nlayers=3, use_bn=False):
+    """DINO's and iBOT's head MLP: nlayers linear layers (GELU between, BN too for convnets), truncated-normal
+    weights and zero biases. Module names 0, 1, 2... as the official `mlp`, so that their checkpoints load."""
+    dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim]
+    layers = []
+    for i in range(nlayers):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        nn.init.trunc_normal_(layers[-1].weight, std=0.02)
+        nn.init.zeros_(layers[-1].bias)
+        if i < nlayers - 1:
+            layers += ([nn.BatchNorm1d(dims[i + 1])] if use_bn else []) + [nn.GELU()]
+    return nn.Sequential(*layers)
+
+
 def backbone_from_state_dict(sd, num_heads=None, arch_name=None):
     """Build the timm backbone whose layout matches a ViT or ResNet state dict (timm/torchvision key names,
     no prefix), reading sizes from the tensors. A ViT's head count is not in its tensors: it comes from
@@ -581,7 +479,7 @@ def backbone_from_state_dict(sd, num_heads=None, arch_name=None):
             num_heads = next((h for a, h in VIT_ARCH_HEADS.items() if str(arch_name).startswith(a)), None)
         num_heads = num_heads or VIT_NUM_HEADS.get(dim)
         if num_heads is None:
-            raise ValueError(f"cannot tell the number of attention heads of a ViT of width {dim}: pass num_heads")
+            raise UserError(f"cannot tell the number of attention heads of a ViT of width {dim}: pass num_heads")
         kwargs = dict(num_classes=0, img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
                       num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
                       qkv_bias="blocks.0.attn.qkv.bias" in sd, dynamic_img_size=True)
@@ -590,11 +488,11 @@ def backbone_from_state_dict(sd, num_heads=None, arch_name=None):
         layers = tuple(1 + max(int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i}.")) for i in range(1, 5))
         bottleneck = "layer1.0.conv3.weight" in sd
         if sd["conv1.weight"].shape[0] != 64 or sd["layer1.0.conv1.weight"].shape[0] != 64:
-            raise ValueError("only standard-width ResNets are supported as teachers (the stem has "
-                             f"{sd['conv1.weight'].shape[0]} channels, e.g. a wide RN50w2)")
+            raise UserError("only standard-width ResNets are supported as teachers (the stem has "
+                            f"{sd['conv1.weight'].shape[0]} channels, e.g. a wide RN50w2)")
         arch = dict(name="resnet50" if bottleneck else "resnet18", kwargs=dict(num_classes=0, layers=layers))
     else:
-        raise ValueError("not a ViT or ResNet state dict (no cls_token / layer1.0.conv1.weight keys)")
+        raise UserError("not a ViT or ResNet state dict (no cls_token / layer1.0.conv1.weight keys)")
     return create_backbone(arch), arch
 
 
@@ -608,15 +506,27 @@ def load_file(path, what="checkpoint"):
             try:
                 return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=True)
             except Exception as err:
-                raise RuntimeError(f"could not download the {what} {path} ({err}). Without internet, download "
-                                   "it elsewhere and pass the local file path instead.") from err
+                raise UnreadableFileError(f"could not download the {what} {path} ({err}). Without internet, "
+                                          "download it elsewhere and pass the local file path instead.") from err
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what} not found: {path}")
+            raise MissingFileError(f"{what} not found: {path}")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise RuntimeError(f"cannot read the {what} {path}: is it a complete PyTorch checkpoint (an "
-                               f"interrupted download or copy leaves a truncated file)? ({err})") from None
+            raise UnreadableFileError(f"cannot read the {what} {path}: is it a complete PyTorch checkpoint (an "
+                                      f"interrupted download or copy leaves a truncated file)? ({err})") from None
+
+
+def source_of(name_or_path, names, url, what):
+    """--teacher: the download address of a known release name, else a local file that must exist. An unknown
+    name that does not look like a path lists the valid names."""
+    if name_or_path in names:
+        return url(name_or_path)
+    if not os.path.exists(name_or_path) and not any(c in name_or_path for c in "/\\.") and \
+            not name_or_path.startswith("http"):
+        raise UserError(f"unknown --teacher '{name_or_path}': give one of {', '.join(names)} or the path of a "
+                        f"{what}")
+    return name_or_path
 
 
 def strip_prefix(sd, *prefixes):
@@ -642,30 +552,82 @@ def load_strict(module, sd, source, expected):
     if missing or unexpected or mis_shaped:
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") or "none"
-        raise ValueError(f"{source} does not match the expected format ({expected}).\n  missing keys: "
-                         f"{show(missing)}\n  unexpected keys: {show(unexpected)}\n  wrong shapes: {show(mis_shaped)}")
+        raise UserError(f"{source} does not match the expected format ({expected}): missing keys: {show(missing)}; "
+                        f"unexpected keys: {show(unexpected)}; wrong shapes: {show(mis_shaped)}")
     module.load_state_dict(sd)
 
 
+def recorded_backbone(ckpt, sd, source):
+    """The backbone of one of this project's checkpoints, rebuilt from its `arch` record without drop-path and
+    loaded strictly from the backbone.* entries of `sd`."""
+    arch = ckpt["arch"]
+    backbone = create_backbone({**arch, "kwargs": {**arch["kwargs"], "drop_path_rate": 0.0}})
+    load_strict(backbone, sub_state_dict(sd, "backbone."), source, f"{ckpt['method']}.py checkpoint")
+    return backbone
+
+
+def freeze(model):
+    """A frozen teacher: eval mode (BN statistics never change), no gradients."""
+    return model.eval().requires_grad_(False)
+
+
+def fold_weight_norm(sd, layers=("last_layer",)):
+    """Weight-normalised last layers (official weight_g / weight_v, or torch parametrization names) to the plain
+    weight g * v / ||v|| (row-wise) that a frozen teacher uses; each layer folded into its own copy."""
+    sd = dict(sd)
+    for layer in layers:
+        for g_key, v_key in [(f"{layer}.weight_g", f"{layer}.weight_v"),
+                             (f"{layer}.parametrizations.weight.original0",
+                              f"{layer}.parametrizations.weight.original1")]:
+            if g_key in sd:
+                g, v = sd.pop(g_key).float(), sd.pop(v_key).float()
+                sd[f"{layer}.weight"] = g * v / v.norm(dim=1, keepdim=True)
+    return sd
+
+
+METHODS = {"rob_dino": "a DINO", "rob_ibot": "an iBOT", "rob_msn": "an MSN", "rob_swav": "a SwAV"}
+
+
+def refuse_teacher(ckpt, source, script, needs, release):
+    """Raise the UserError for a --teacher file that `script` cannot use: another script's checkpoint or another
+    method's release names the script to use; a backbone without its head names a release that has one."""
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{source} is not a checkpoint dictionary")
+    kind = METHODS[script]
+    if ckpt.get("method") is not None:
+        raise UserError(f"{source} was written by {ckpt['method']}.py, not {script}.py: {kind} teacher needs {needs}. "
+                        f"Use {ckpt['method']}.py with it, or give {kind} checkpoint.")
+    teacher, flat = ckpt.get("teacher"), strip_prefix(ckpt.get("state_dict", ckpt), "module.")
+    other = ("rob_msn" if "target_encoder" in ckpt else
+             "rob_ibot" if isinstance(teacher, dict) and any("last_layer2" in k for k in teacher) else
+             "rob_dino" if isinstance(teacher, dict) else "rob_swav" if "prototypes.weight" in flat else None)
+    if other is not None and other != script:
+        raise UserError(f"{source} is {METHODS[other]} checkpoint: use {other}.py with it.")
+    if "cls_token" in flat or "conv1.weight" in flat:
+        raise UserError(f"{source} holds a backbone only; {kind} teacher needs {needs} too, which the full releases "
+                        f"contain, e.g. {release}")
+    raise UserError(f"{source} is not {kind} checkpoint (expected {needs}).")
+
+
 def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename: a crash mid-write never leaves a broken `path`."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_resume_checkpoint(output_dir, method):
-    """The checkpoint to resume from (output_dir/checkpoint.pth), or None to start afresh."""
-    path = Path(output_dir) / "checkpoint.pth"
-    if not path.is_file():
-        return None
-    ckpt = load_file(path, "resume checkpoint")
-    if ckpt.get("method") != method:
-        raise ValueError(f"{path} was written by {ckpt.get('method', 'another program')}, not {method}: "
-                         "use another --output_dir.")
-    return ckpt
+    """torch.save through a temporary file of this process and a rename: a crash or a kill mid-write never
+    leaves a broken `path`, and a failed write leaves no temporary file. A full disk is a UserError."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialised first: a write error then surfaces as an OSError with its errno
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device while writing {path}: free some space or use another "
+                            "--output_dir, then rerun the same command to resume") from None
+        raise UserError(f"cannot write {path} ({err.strerror}): check the permissions of --output_dir") from None
 
 
 def export_timm(backbone, arch, path):
@@ -677,150 +639,21 @@ def export_timm(backbone, arch, path):
     full = timm.create_model(arch["name"], pretrained=False, **kwargs)
     result = full.load_state_dict(backbone.state_dict(), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    for name in result.missing_keys:  # only the classifier (and, for MobileNetV3, nothing else) is absent
-        full.get_parameter(name).data.zero_()
+    for name in result.missing_keys:  # the classifier, zeroed; a pooled MobileNetV3's untrained conv head keeps
+        if not name.startswith("conv_head."):  # timm's initialisation (the student learned the 960-d pooled features)
+            full.get_parameter(name).data.zero_()
     save_atomic({k: v.detach().cpu() for k, v in full.state_dict().items()}, path)
-    args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    return (f"timm.create_model({arch['name']!r}, pretrained=True, "
+    return timm_call(arch, path)
+
+
+def timm_call(arch, path):
+    """The timm.create_model call that loads an exported student."""
+    args = "".join(f", {k}={v!r}" for k, v in arch["kwargs"].items() if k not in ("num_classes", "drop_path_rate"))
+    call = (f"timm.create_model({arch['name']!r}, pretrained=True, "
             f"pretrained_cfg_overlay=dict(file={str(path)!r}, custom_load=False){args})")
+    if arch.get("pooled_features"):
+        call += "; then model.conv_head = model.act2 = torch.nn.Identity() for the trained 960-d pooled features"
+    return call
 
 
 # ---------------------------------------------------------------------------------- training utilities
-def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
-    """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
-    if warmup_epochs >= epochs:
-        raise ValueError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
-                         "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
-    warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
-    steps = epochs * iters_per_epoch - len(warmup)
-    cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
-    return torch.cat([warmup, cosine]).tolist()
-
-
-def param_groups(model):
-    """AdamW groups: weight decay on weight matrices and convolution kernels, none on biases and norm
-    parameters (the first group's weight decay follows the schedule)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class StepStats:
-    """Per-step scalars (loss terms, a stop vote) averaged over the processes and read on the host one step
-    late, so that the host queues step i+1 while the GPU still runs step i instead of waiting at every step."""
-
-    def __init__(self):
-        self.pending = None
-
-    def push(self, values):
-        """Queue this step's values (a 1-D tensor); return the previous step's averages as a list, or None."""
-        values = all_reduce_mean(values.detach().float())
-        event = None
-        if values.is_cuda:
-            host = torch.empty(values.shape, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            values = host
-        previous, self.pending = self.pending, (values, event)
-        return self._read(previous)
-
-    def flush(self):
-        """The last queued step's values (waits for it), or None."""
-        previous, self.pending = self.pending, None
-        return self._read(previous)
-
-    @staticmethod
-    def _read(entry):
-        if entry is None:
-            return None
-        if entry[1] is not None:
-            entry[1].synchronize()
-        return entry[0].tolist()
-
-
-def compile_model(model):
-    """torch.compile in place. A ViT without stochastic depth (a frozen teacher) is compiled per block: its
-    identical blocks share one compiled graph, seconds of compilation instead of minutes with the same
-    fusions. Other models are compiled whole."""
-    if is_vit(model) and len({repr(block.drop_path1) for block in model.blocks}) == 1:
-        for block in model.blocks:  # (blocks with different drop-path rates would each recompile: whole model)
-            block.compile()
-    else:
-        model.compile()
-    return model
-
-
-class StopRequest:
-    """SIGTERM / SIGINT / SIGUSR1 (cluster pre-emption, Ctrl-C) ask training to stop: it finishes the current
-    step, writes a checkpoint and exits, and the next run resumes from there. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-def matmul_peak_flops(device, dtype, n=8192, iters=20):
-    """Measured FLOP/s of a large square matmul on `device` in `dtype` (random data): the MFU denominator."""
-    if device.type != "cuda":
-        n, iters = 1024, 5
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    synchronize(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - start)
-
-
-def count_flops(fn):
-    """FLOPs (matmuls, convolutions, attention; forward and backward) that one call of fn() performs."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-
-
-def benchmark(step, steps, warmup_steps, images_per_step, flops_per_image, device, dtype, title):
-    """Time `steps` calls of step() after `warmup_steps` untimed ones and print images/s, GFLOP/image, MFU
-    against the matmul peak measured here, peak memory and the device. Returns the figures as a dict."""
-    for _ in range(warmup_steps):
-        step()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = matmul_peak_flops(device, dtype)
-    result = dict(config=title, device=device_name(device), images_per_s=images_per_step * steps / seconds,
-                  gflop_per_image=flops_per_image / 1e9, matmul_peak_tflops=peak / 1e12,
-                  peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
-    result["mfu"] = result["images_per_s"] * flops_per_image / peak
-    memory = f"{result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else "n/a (CPU)"
-    log(f"[benchmark] {title} on {result['device']}: {result['images_per_s']:,.0f} images/s, "
-        f"{result['gflop_per_image']:.1f} GFLOP/image, MFU {100 * result['mfu']:.1f}% of a measured "
-        f"{result['matmul_peak_tflops']:.3g} TFLOP/s {str(dtype).replace('torch.', '')} matmul peak, "
-        f"peak memory {memory}")
-    return result

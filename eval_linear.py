@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 import common
+import training
 
 FAST_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3]  # at batch 256, for standardised features
 FAST_BATCH_SIZE = 1024  # the fast probe reads its features from memory: large batches cost nothing
@@ -91,14 +93,22 @@ def load_backbone(path, arch=None, checkpoint_key=None, num_heads=None, patch_si
     or uses as a teacher, every tensor loaded strictly. Returns (model, description)."""
     ckpt = common.load_file(path)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dictionary: expected {EXPECTED}.")
+        raise common.UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dictionary: expected "
+                               f"{EXPECTED}.")
     if "method" in ckpt or isinstance(ckpt.get("teacher"), dict):  # rob_*.py, or DINO / iBOT full checkpoint
-        key = checkpoint_key or ("student" if "method" in ckpt else "teacher")
-        if not isinstance(ckpt.get(key), dict):
-            raise ValueError(f"{path} holds no {key} network (of rob_*.py runs, only the baselines, e.g. --teacher "
-                             "ema, save a teacher): use --checkpoint_key student.")
+        has_backbone = {k: any(n.startswith("backbone.") for n in common.strip_prefix(ckpt.get(k) or {}, "module."))
+                        for k in ("student", "teacher")}
+        key = checkpoint_key or ("student" if "method" in ckpt and has_backbone["student"] else "teacher")
+        if not has_backbone[key]:
+            other = "student" if key == "teacher" else "teacher"
+            raise common.UserError(f"{path} holds no {key} backbone (of rob_*.py runs, only the baselines, e.g. "
+                                   "--teacher ema, save a teacher)"
+                                   + (f": use --checkpoint_key {other}." if has_backbone[other] else "."))
         sd = common.sub_state_dict(common.strip_prefix(ckpt[key], "module.", "_orig_mod."), "backbone.")
         if "method" in ckpt:  # its architecture is recorded
+            if not isinstance(ckpt.get("arch"), dict):
+                raise common.UserError(f"{path} is a {ckpt['method']}.py checkpoint without its 'arch' record: "
+                                       "was it written by this project?")
             model = common.create_backbone(ckpt["arch"])
             common.load_strict(model, sd, path, f"{ckpt['method']}.py checkpoint, {key} backbone")
             shape = [f"{k} {v}" for k, v in ckpt["arch"]["kwargs"].items() if k in ("embed_dim", "depth", "patch_size")]
@@ -118,7 +128,8 @@ def load_backbone(path, arch=None, checkpoint_key=None, num_heads=None, patch_si
                                "training run")
             return model.eval(), f"timm {arch}"
         if any(k in sd for k in ("head.weight", "fc.weight", "classifier.weight")):
-            raise ValueError(f"{path} looks like an exported student_timm.pth (a timm state dict with a classifier), "
+            raise common.UserError(f"{path} looks like an exported student_timm.pth (a timm state dict with a "
+                                   "classifier), "
                              "which does not record its architecture: pass --arch as given to --student in training "
                              "(and --patch_size / --img_size for a ViT trained on small images).")
         sd = {k: v for k, v in sd.items() if not k.startswith(("projection_head.", "prototypes."))}  # SwAV's head
@@ -126,7 +137,7 @@ def load_backbone(path, arch=None, checkpoint_key=None, num_heads=None, patch_si
     try:
         model, _ = common.backbone_from_state_dict(sd, num_heads, arch_name)
     except (ValueError, KeyError, AttributeError, TypeError) as err:
-        raise ValueError(f"cannot read a backbone from {path} (taken as: {kind}): {err}. Its top-level keys: "
+        raise common.UserError(f"cannot read a backbone from {path} (taken as: {kind}): {err}. Its top-level keys: "
                          f"{', '.join(map(str, list(ckpt)[:8]))}. Expected {EXPECTED}.") from None
     common.load_strict(model, sd, path, kind)
     return model.eval(), f"{kind} ({type(model).__name__}, width {common.feature_dim(model)})"
@@ -163,7 +174,8 @@ def build_split(data_path, train, transform, img_size, seed=0):
     else:
         folder = os.path.join(data_path, "train" if train else "val")
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--data_path {data_path} has no {os.path.basename(folder)}/ folder: give a folder "
+            raise common.MissingFileError(f"--data_path {data_path} has no {os.path.basename(folder)}/ folder: give "
+                                          "a folder "
                                     "with train/ and val/ ImageFolders, 'fashion-mnist' or 'synthetic'.")
         base = common.build_dataset(folder)
     return common.AugmentedDataset(base, transform, seed)
@@ -207,7 +219,8 @@ def load_or_extract_features(model, splits, args, device):
             return None
         features = common.load_file(args.features_cache, "features cache")
         if not isinstance(features, dict) or features.pop("settings", None) != settings:
-            raise ValueError(f"{args.features_cache} was not extracted with these settings ({settings}): delete it "
+            raise common.UserError(f"{args.features_cache} was not extracted with these settings ({settings}): "
+                                   "delete it "
                              "or choose another --features_cache.")
     else:
         features = {name: extract_features(model, split, args, device, f"{name} features")
@@ -297,7 +310,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
     probes = LinearProbes(train_features.shape[1], num_classes, len(lrs)).to(device)
     optimizer = probes.optimizer(lrs, FAST_BATCH_SIZE)
     steps_per_epoch = math.ceil(len(fit) / FAST_BATCH_SIZE)
-    schedule = common.cosine_schedule(1.0, 0.0, epochs, steps_per_epoch)
+    schedule = training.cosine_schedule(1.0, 0.0, epochs, steps_per_epoch)
     for epoch in tqdm(range(epochs), desc="linear probe", dynamic_ncols=True):
         perm = torch.randperm(len(fit), generator=generator).to(device)
         for i in range(steps_per_epoch):
@@ -322,7 +335,7 @@ def dino_linear(model, args, num_classes, device, features):
     optimizer = probes.optimizer(lrs, args.batch_size_per_gpu * common.get_world_size())
     trained = DistributedDataParallel(probes, device_ids=[device.index] if device.type == "cuda" else None) \
         if common.get_world_size() > 1 else probes
-    schedule = common.cosine_schedule(1.0, 0.0, args.epochs, len(loader))
+    schedule = training.cosine_schedule(1.0, 0.0, args.epochs, len(loader))
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         for i, (images, labels) in enumerate(tqdm(loader, desc=f"linear epoch {epoch}", dynamic_ncols=True,
@@ -386,20 +399,38 @@ def low_shot(train_features, train_labels, test_features, test_labels, num_class
 
 
 # ------------------------------------------------------------------------------------------------- main
+def check_args(args):
+    if not (args.knn or args.linear or args.low_shot or args.features_cache):
+        raise common.UserError("nothing to do: pass --knn, --linear and/or --low_shot (or --features_cache to "
+                               "extract only)")
+    training.check_args(args, positive=["img_size", "batch_size_per_gpu", "temperature", "epochs", "low_shot_seeds",
+                                      "n_last_blocks", "nb_knn", "lr"], non_negative=["num_workers"])
+    if common.is_main_process():  # the results are written there: a bad folder fails now, not after the evaluation
+        try:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.output_dir).close()
+        except OSError as err:
+            raise common.UserError(f"cannot write eval_log.txt in --output_dir {args.output_dir} ({err.strerror})") \
+                from None
+
+
 def main(args):
     rank, _, device = common.init_distributed()
-    if not (args.knn or args.linear or args.low_shot or args.features_cache):
-        raise ValueError("nothing to do: pass --knn, --linear and/or --low_shot (or --features_cache to extract only)")
+    check_args(args)
     model, description = load_backbone(args.checkpoint, args.arch, args.checkpoint_key, args.num_heads,
                                        args.patch_size, args.img_size)
     model = model.to(device).requires_grad_(False)
+    patch = model.patch_embed.patch_size[0] if common.is_vit(model) else 1
+    if args.img_size % patch:
+        raise common.UserError(f"--img_size {args.img_size} is not a multiple of the ViT's patch size {patch}")
     if common.is_vit(model) and args.n_last_blocks > len(model.blocks):
-        raise ValueError(f"--n_last_blocks {args.n_last_blocks} exceeds the backbone's {len(model.blocks)} blocks.")
+        raise common.UserError(f"--n_last_blocks {args.n_last_blocks} exceeds the backbone's {len(model.blocks)} "
+                               "blocks.")
     resize = args.img_size if args.data_path == "fashion-mnist" else None  # 28 px images: resized whole, no crop
     transform = common.eval_transform(args.img_size, resize=resize)
     splits = [build_split(args.data_path, train, transform, args.img_size) for train in (True, False)]
     if splits[0].base.classes != splits[1].base.classes:
-        raise ValueError(f"{args.data_path}: train/ and val/ must have the same class sub-folders.")
+        raise common.UserError(f"{args.data_path}: train/ and val/ must have the same class sub-folders.")
     num_classes = len(splits[0].base.classes)
     features = load_or_extract_features(model, splits, args, device)
 
@@ -411,11 +442,12 @@ def main(args):
         return None
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     width = common.feature_dim(model)  # k-NN and low-shot use the backbone output: a ViT's last-block CLS
-    output = slice((args.n_last_blocks - 1) * width, args.n_last_blocks * width) if common.is_vit(model) else slice(None)
+    output = slice((args.n_last_blocks - 1) * width, args.n_last_blocks * width) if common.is_vit(model) \
+        else slice(None)
     results = dict(checkpoint=args.checkpoint, backbone=description, data_path=args.data_path, img_size=args.img_size)
     if args.knn:
         if max(args.nb_knn) > len(train_y):
-            raise ValueError(f"--nb_knn {max(args.nb_knn)} exceeds the {len(train_y)} training images: lower it.")
+            raise common.UserError(f"--nb_knn {max(args.nb_knn)} exceeds the {len(train_y)} training images: lower it.")
         knn = knn_classifier(train_x[:, output], train_y, test_x[:, output], test_y, args.nb_knn, args.temperature,
                              num_classes)
         results["knn"] = {str(k): dict(top1=top1, top5=top5) for k, (top1, top5) in knn.items()}
@@ -447,4 +479,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser("eval_linear", parents=[get_args_parser()]).parse_args())
+    training.run_main(main, argparse.ArgumentParser("eval_linear", parents=[get_args_parser()]))

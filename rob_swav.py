@@ -9,26 +9,29 @@ MobileNetV3...) predicts that code through its own SwAV head and prototypes.
 
     torchrun --nproc_per_node=8 rob_swav.py --student resnet18 --data_path /data/imagenet/train --output_dir out/
 
+The recipe (the defaults): teacher SwAV RN50 (800 epochs, 3000 prototypes); student head [d, 2048, 128] (BN,
+ReLU) + L2-norm + its own 3000 prototypes, never frozen; codes by Sinkhorn (eps 0.03, 3 iterations) of the
+teacher's scores of global crop 0; CE at 0.1 for every student crop; 2 x 224 px crops (0.14, 1) + 4 x 96 px
+(0.05, 0.14), SwAV's augmentation; SGD + LARS, lr 0.3 x batch / 256 warmed up from a 16th over 10 epochs,
+cosine to a 1000th, weight decay 1e-6.
+
 `--teacher self` runs plain SwAV instead (codes from the student's own prototype scores of both global crops,
 swapped prediction): the baseline of the paper, and a way to pretrain a teacher on your own data. Its
 checkpoint is a valid --teacher for RoB.
 """
 import argparse
-import datetime
 import itertools
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
+import training
 
 TEACHERS = {  # official SwAV ResNet-50 releases (backbone + projection head + 3000 prototypes): name -> file
     "swav_rn50": "swav_800ep_pretrain",
@@ -46,6 +49,7 @@ OPTIMIZER_DEFAULTS = {  # SwAV's SGD + LARS (convnets); AdamW with rob_dino.py's
 }
 
 
+# -------------------------------------------------------------------------------------------- arguments
 def get_args_parser():
     parser = argparse.ArgumentParser("RoB-SwAV", add_help=False)
     group = parser.add_argument_group("model")
@@ -78,61 +82,96 @@ def get_args_parser():
                        "added to Sinkhorn's batch: keeps the equipartition meaningful when the global batch is "
                        "small next to 3000 prototypes (SwAV used 3840 at a batch of 256). 0: no queue.")
     group.add_argument("--epoch_queue_starts", type=int, default=15, help="Epoch at which the queue starts filling.")
-    group.add_argument("--freeze_prototypes_niters", type=int, default=313, help="Iterations with the student "
-                       "prototypes frozen (313 = one ImageNet epoch at batch 4096, SwAV's default).")
+    group.add_argument("--freeze_prototypes_niters", type=int, default=None, help="Iterations with the student "
+                       "prototypes frozen. Default: none for RoB (the reference never freezes them); one epoch with "
+                       "--teacher self, as SwAV (313 iterations of ImageNet at batch 4096).")
     group = parser.add_argument_group("plain-SwAV baseline (--teacher self only)")
     group.add_argument("--feat_dim", type=int, default=128, help="Projection (prototype) dimension.")
     group.add_argument("--nmb_prototypes", type=int, default=3000, help="Number of prototypes K.")
-    group = parser.add_argument_group("optimisation")
+    group = training.add_optimisation_args(parser, epochs=100, lr=None, min_lr=None, weight_decay=None,
+                                           weight_decay_end=None, clip_grad=0.0, helps=dict(
+        lr="Peak lr at a global batch of 256, scaled linearly (lars: 0.3, i.e. 4.8 at 4096; adamw: 5e-4).",
+        min_lr="lr at the end of the cosine, absolute (lars: peak / 1000, 0.0048 at 4096 as SwAV; adamw: 1e-5).",
+        warmup_epochs="Linear lr warm-up epochs (lars starts at peak / 16, 0.3 at 4096 as the reference; adamw "
+                      "at 0).",
+        weight_decay="Initial weight decay (lars: 1e-6 on every tensor; adamw: 0.04, not on biases and norms).",
+        weight_decay_end="Final weight decay, cosine (lars: constant; adamw: 0.4).",
+        clip_grad="Clip the global gradient norm (0: off, as SwAV)."))
     group.add_argument("--optimizer", default="lars", choices=["lars", "adamw"], help="lars: SGD (momentum 0.9) + "
                        "LARS (trust 0.001), SwAV's and the reference's choice for convnets; adamw: as rob_dino.py.")
-    group.add_argument("--epochs", type=int, default=100)
-    group.add_argument("--batch_size_per_gpu", type=int, default=64, help="Global batch = this x processes "
-                       "(the paper: 64 x 64 GPUs = 4096).")
-    group.add_argument("--lr", type=float, default=None, help="Peak lr at a global batch of 256, scaled linearly "
-                       "(lars: 0.3, i.e. 4.8 at 4096; adamw: 5e-4).")
-    group.add_argument("--min_lr", type=float, default=None, help="lr at the end of the cosine, absolute (lars: "
-                       "peak / 1000, 0.0048 at 4096 as SwAV; adamw: 1e-5).")
-    group.add_argument("--warmup_epochs", type=int, default=10, help="Linear lr warm-up epochs (lars starts at "
-                       "peak / 16, 0.3 at 4096 as the reference; adamw at 0).")
-    group.add_argument("--weight_decay", type=float, default=None, help="Initial weight decay (lars: 1e-6 on "
-                       "every tensor; adamw: 0.04, not on biases and norms).")
-    group.add_argument("--weight_decay_end", type=float, default=None, help="Final weight decay, cosine "
-                       "(lars: constant; adamw: 0.4).")
-    group.add_argument("--clip_grad", type=float, default=0.0, help="Clip the global gradient norm (0: off, as "
-                       "SwAV; 3.0 is DINO's value for adamw).")
-    group.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="Autocast dtype "
-                       "(default bf16 on GPU, fp32 on CPU). The teacher runs in that dtype, scores, Sinkhorn and "
-                       "losses in fp32.")
-    group.add_argument("--compile", action="store_true", help="torch.compile teacher, student and loss (ViTs per "
-                       "block: quick to compile). Faster on GPU once compiled.")
-    group.add_argument("--overlap_teacher", action=argparse.BooleanOptionalAction, default=True, help="On GPU, "
-                       "run the teacher on a second CUDA stream, concurrently with the student's forward.")
-    group = parser.add_argument_group("multi-crop")
-    group.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.14, 1.0))
-    group.add_argument("--local_crops_number", type=int, default=4, help="Small crops (student only).")
-    group.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.14))
-    group.add_argument("--global_crops_size", type=int, default=224)
-    group.add_argument("--local_crops_size", type=int, default=96)
-    group = parser.add_argument_group("misc")
-    group.add_argument("--data_path", default="fashion-mnist", help="ImageFolder directory, 'fashion-mnist' "
-                       "or 'synthetic'.")
-    group.add_argument("--subset", type=int, default=0, help="Train on a seeded random subset of this many "
-                       "images (0: all of them), for quick experiments.")
-    group.add_argument("--output_dir", default="output", help="Checkpoints and log.txt; a run resumes "
-                       "automatically from output_dir/checkpoint.pth.")
-    group.add_argument("--saveckp_freq", type=int, default=20, help="Also keep checkpointNNNN.pth every N epochs.")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--num_workers", type=int, default=10, help="Data loader processes per GPU.")
-    group.add_argument("--gpu_augment", action="store_true", help="Decode JPEGs and run the multi-crop "
-                       "augmentation in batches on the GPU (loader workers only read files): real training is "
-                       "otherwise CPU-bound. Same parameter distributions; also runs on CPU tensors.")
-    group.add_argument("--benchmark", type=int, default=0, metavar="N", help="Time N training steps on "
-                       "synthetic data with a randomly initialised teacher of the chosen architecture, then exit.")
+    training.add_multicrop_args(parser, (0.14, 1.0), 4, (0.05, 0.14))
+    training.add_run_args(parser)
     return parser
 
 
-# ------------------------------------------------------------------------------------------------ heads
+def check_args(args):
+    """Fills the optimiser's defaults (lr, weight decay), then checks the flags."""
+    for key, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    training.check_args(args, positive=["epochs", "batch_size_per_gpu", "student_temp", "epsilon", "hidden_mlp",
+                                      "feat_dim", "nmb_prototypes", "global_crops_size", "local_crops_size"],
+                      non_negative=["lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
+                                    "local_crops_number", "sinkhorn_iterations", "queue_length",
+                                    "epoch_queue_starts", "freeze_prototypes_niters"],
+                      fractions=["drop_path_rate"], scales=["global_crops_scale", "local_crops_scale"])
+    if args.teacher == "self" and args.use_teacher_prototypes:
+        raise common.UserError("--use_teacher_prototypes needs a pretrained --teacher (plain SwAV learns its "
+                               "prototypes)")
+
+
+def build_augmentation(args):
+    """SwAV's multi-crop augmentation: colour jitter (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2, blur p 0.5
+    on every crop, no solarise, bilinear, std 0.228 for red."""
+    return common.MultiCropAugmentation(args.global_crops_size, args.local_crops_size, 2, args.local_crops_number,
+                                        args.global_crops_scale, args.local_crops_scale,
+                                        color_jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5),
+                                        solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear", std=(0.228, 0.224, 0.225))
+
+
+# -------------------------------------------------------------------------------------- the frozen teacher
+def load_teacher(name_or_path):
+    """The frozen RoB teacher (backbone + projection head + prototypes, eval, no grad) from an official name
+    (downloaded once into the torch.hub cache) or a local file."""
+    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name]), "SwAV release")
+    return teacher_from_checkpoint(common.load_file(source, "SwAV teacher checkpoint"), source)
+
+
+def teacher_from_checkpoint(ckpt, source):
+    """Recognise the checkpoint's format, build the matching backbone and head from its tensors and load
+    them strictly. Accepts the SwAV releases and this script's own; refuses the rest with the fix."""
+    flat = common.strip_prefix(ckpt.get("state_dict", ckpt), "module.") if isinstance(ckpt, dict) else {}
+    if isinstance(ckpt, dict) and ckpt.get("method") == "rob_swav":  # a RoB student or a --teacher self run
+        sd = ckpt["student"]
+        head_sd = common.sub_state_dict(sd, "head.")
+        head = head_from_state_dict(head_sd)  # always scored as SwAV: cosine, bounded scores for Sinkhorn
+        backbone = common.recorded_backbone(ckpt, sd, source)
+    elif isinstance(ckpt, dict) and ckpt.get("method") is None and "prototypes.weight" in flat:  # a SwAV release
+        flat = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in flat.items()}  # fp16
+        backbone_sd = {k: v for k, v in flat.items() if not k.startswith(("projection_head.", "prototypes."))}
+        try:
+            backbone, _ = common.backbone_from_state_dict(backbone_sd)
+        except ValueError as err:
+            raise common.UserError(f"{source}: {err}. Use a standard ResNet-50 SwAV release ({', '.join(TEACHERS)}).") \
+                from None
+        head_sd = {k: v for k, v in flat.items() if k.startswith(("projection_head.", "prototypes."))}
+        head = head_from_state_dict(head_sd)
+        common.load_strict(backbone, backbone_sd, source, "SwAV release backbone")
+    else:
+        common.refuse_teacher(ckpt, source, "rob_swav", "its projection head and prototypes "
+                              "('module.prototypes.weight')",
+                              URL.format(TEACHERS["swav_rn50"]))
+    common.load_strict(head, head_sd, source, "SwAV projection head and prototypes")
+    return common.freeze(MultiCropNetwork(backbone, head))
+
+
+def random_teacher(name):
+    """An official teacher architecture with random weights (benchmarks: nothing to download)."""
+    backbone, _ = common.build_teacher_backbone("resnet50")
+    return common.freeze(MultiCropNetwork(backbone, SwAVHead(2048)))
+
+
+# ------------------------------------------------------------------------------------------- the student
 class SwAVHead(nn.Module):
     """SwAV's head (the official module names, so that SwAV checkpoints load): projection MLP [in, hidden, out]
     (BN, ReLU) -> L2-normalise -> prototypes (linear, no bias). Returns (embedding, prototype scores), in fp32
@@ -185,68 +224,23 @@ def head_from_state_dict(sd):
                     use_bn="projection_head.1.running_mean" in sd)
 
 
-# --------------------------------------------------------------------------------------------- teacher
-def load_teacher(name_or_path):
-    """The frozen RoB teacher (backbone + projection head + prototypes, eval, no grad) from an official name
-    (downloaded once into the torch.hub cache) or a local file."""
-    source = URL.format(TEACHERS[name_or_path]) if name_or_path in TEACHERS else name_or_path
-    return teacher_from_checkpoint(common.load_file(source, "SwAV teacher checkpoint"), source)
+def build_student(args, teacher=None):
+    """A fresh backbone + a SwAV head with the teacher's number and width of prototypes (the flags' for plain
+    SwAV): its own prototypes, or (--use_teacher_prototypes) a frozen copy of the teacher's. Returns (network, arch)."""
+    common.seed_everything(common.mix_seed(args.seed, 0))  # the same init in every process, RoB or plain
+    backbone, dim, arch = common.build_student(args.student, args.global_crops_size, args.patch_size,
+                                               args.drop_path_rate)
+    n_prototypes, feat_dim = (args.nmb_prototypes, args.feat_dim) if teacher is None else \
+        teacher.head.prototypes.weight.shape
+    head = SwAVHead(dim, args.hidden_mlp, feat_dim, n_prototypes, use_bn=not common.is_vit(backbone),
+                    normalize=not args.use_teacher_prototypes)
+    if args.use_teacher_prototypes:  # a frozen copy: saved with the student, never optimised nor renormalised
+        head.prototypes.weight.data.copy_(teacher.head.prototypes.weight)
+        head.prototypes.requires_grad_(False)
+    return MultiCropNetwork(backbone, head), arch
 
 
-def teacher_from_checkpoint(ckpt, source):
-    """Recognise the checkpoint's format, build the matching backbone and head from its tensors and load
-    them strictly. Accepts the SwAV releases and this script's own; refuses the rest with the fix."""
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{source} is not a checkpoint dictionary")
-    method = ckpt.get("method")
-    if method == "rob_swav":  # a checkpoint of this script (a RoB student or a --teacher self run): its student
-        sd = ckpt["student"]
-        backbone = common.create_backbone({**ckpt["arch"], "kwargs": {**ckpt["arch"]["kwargs"], "drop_path_rate": 0.0}})
-        head_sd = common.sub_state_dict(sd, "head.")
-        head = head_from_state_dict(head_sd)  # always scored as SwAV: cosine, bounded scores for Sinkhorn
-        common.load_strict(backbone, common.sub_state_dict(sd, "backbone."), source, "rob_swav.py checkpoint")
-    elif method is not None:
-        raise ValueError(f"{source} was written by {method}.py, not rob_swav.py: a RoB-SwAV teacher needs SwAV "
-                         f"prototypes. Use {method}.py with it, or give a SwAV checkpoint.")
-    elif "teacher" in ckpt or "target_encoder" in ckpt:
-        kind = ("an MSN" if "target_encoder" in ckpt else "an iBOT" if any("last_layer2" in k for k in ckpt["teacher"])
-                else "a DINO")
-        script = {"an MSN": "rob_msn.py", "an iBOT": "rob_ibot.py", "a DINO": "rob_dino.py"}[kind]
-        raise ValueError(f"{source} is {kind} checkpoint: use {script} with it.")
-    else:
-        flat = common.strip_prefix(ckpt.get("state_dict", ckpt), "module.")
-        flat = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in flat.items()}  # fp16
-        if "prototypes.weight" not in flat:
-            if "cls_token" in flat or "conv1.weight" in flat:
-                raise ValueError(f"{source} holds a backbone only; RoB-SwAV needs the projection head and "
-                                 "prototypes too, which the SwAV releases contain, e.g. " + URL.format(TEACHERS["swav_rn50"])
-                                 + f" (or pass --teacher {'/'.join(TEACHERS)} to download it).")
-            raise ValueError(f"{source} is not a SwAV checkpoint (expected a flat state dict with "
-                             "'module.prototypes.weight').")
-        backbone_sd = {k: v for k, v in flat.items() if not k.startswith(("projection_head.", "prototypes."))}
-        try:
-            backbone, _ = common.backbone_from_state_dict(backbone_sd)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}. Use a standard ResNet-50 SwAV release ({', '.join(TEACHERS)}).") from None
-        head_sd = {k: v for k, v in flat.items() if k.startswith(("projection_head.", "prototypes."))}
-        head = head_from_state_dict(head_sd)
-        common.load_strict(backbone, backbone_sd, source, "SwAV release backbone")
-    common.load_strict(head, head_sd, source, "SwAV projection head and prototypes")
-    return freeze(MultiCropNetwork(backbone, head))
-
-
-def freeze(model):
-    model.eval().requires_grad_(False)  # eval: BN running statistics never change
-    return model
-
-
-def random_teacher(name):
-    """An official teacher architecture with random weights (for --benchmark: no download)."""
-    backbone, _ = common.build_teacher_backbone("resnet50")
-    return freeze(MultiCropNetwork(backbone, SwAVHead(2048)))
-
-
-# ------------------------------------------------------------------------------------------------ loss
+# -------------------------------------------------------------------------------- the RoB target and loss
 def all_reduce(tensor, op=dist.ReduceOp.SUM):
     """In-place all-reduce over the processes (identity in a single process); returns the tensor."""
     if dist.is_initialized():
@@ -279,23 +273,6 @@ def teacher_codes(scores, epsilon, n_iters, past_scores=None):
     return sinkhorn_knopp(scores, epsilon, n_iters)[:batch]
 
 
-def view_pairs(n_teacher, n_crops, swapped):
-    """(teacher view, student crop) pairs. Same-view: teacher view t -> student crop t and every crop that is not
-    another teacher view (one teacher view: every crop). Swapped (SwAV's): teacher view t -> every crop but t."""
-    if swapped:
-        return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s != t]
-    return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s == t or s >= n_teacher]
-
-
-def swav_loss(student_scores, codes, pairs, student_temp):
-    """Mean over pairs of the batch-mean cross-entropy H(codes[t], softmax(student_scores[s] / T)).
-    student_scores: [n_crops * B, K], codes: [n_teacher * B, K] (both crop-major)."""
-    n_crops, n_teacher = max(s for _, s in pairs) + 1, max(t for t, _ in pairs) + 1
-    student_log_probs = F.log_softmax(student_scores.float() / student_temp, dim=-1).chunk(n_crops)
-    targets = codes.chunk(n_teacher)
-    return sum(-(targets[t] * student_log_probs[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
-
-
 class EmbeddingQueue(nn.Module):
     """Optional queue of past embeddings of the code crops (SwAV's fix for small batches). Their scores against
     the current prototypes (RoB: the teacher's frozen ones, so a queue of past teacher scores) join Sinkhorn's
@@ -319,7 +296,7 @@ class EmbeddingQueue(nn.Module):
             self.embeddings[view] = torch.cat([local, self.embeddings[view]])[:self.embeddings.shape[1]]
 
 
-# ----------------------------------------------------------------------------------------- optimiser
+# ------------------------------------------------------------------------------------------ optimiser
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling, as SwAV and the reference use it (apex LARC,
     clip=False, on every tensor, biases and BN parameters included): the weight decay is added to the gradient,
@@ -348,251 +325,142 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
-# ---------------------------------------------------------------------------------------------- training
-def main(args):
-    rank, world_size, device = common.init_distributed()
-    common.seed_everything(common.mix_seed(args.seed, rank))
-    self_teacher = args.teacher == "self"
-    if self_teacher and args.use_teacher_prototypes:
-        raise ValueError("--use_teacher_prototypes needs a pretrained --teacher (plain SwAV learns its prototypes)")
-    for key, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    epsilon = args.epsilon if args.epsilon is not None else 0.05 if self_teacher else 0.03
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    n_global, n_teacher = 2, 2 if self_teacher else args.teacher_crops
-    output_dir = Path(args.output_dir)
-    if common.is_main_process() and not args.benchmark:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    common.log("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+# ---------------------------------------------------------------------- the plain-SwAV baseline (--teacher self)
+def own_codes(run, student_embeddings, student_scores, batch):
+    """Plain SwAV: no second network; the codes come from the student's own scores of both global crops (and
+    its own prototypes score the queue). RoB replaces this by the frozen teacher's scores of its crop."""
+    n_codes = 2 * batch
+    return student_embeddings[:n_codes].detach(), student_scores[:n_codes].detach(), run.student.head.prototypes.weight
 
-    # ---- data: SwAV's multi-crop augmentation (strong colour jitter, blur p 0.5 everywhere, no solarise, bilinear)
-    augmentation = common.MultiCropAugmentation(
-        args.global_crops_size, args.local_crops_size, n_global, args.local_crops_number, args.global_crops_scale,
-        args.local_crops_scale, color_jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5), solarize_p=(0.0, 0.0, 0.0),
-        interpolation="bilinear", std=(0.228, 0.224, 0.225))
-    if not args.benchmark:
-        base = common.build_dataset(args.data_path, synthetic_shapes=augmentation.crop_shapes, raw=args.gpu_augment)
-        base = common.random_subset(base, args.subset, args.seed)
-        dataset = common.AugmentedDataset(base, None if args.gpu_augment else augmentation, args.seed)
-        loader, sampler = common.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed,
-                                              common.collate_raw if args.gpu_augment else None)
-        iters_per_epoch = len(loader)
-        common.log(f"data: {len(dataset)} images from {args.data_path}, {iters_per_epoch} steps per epoch")
-    else:
-        iters_per_epoch = max(args.benchmark, 1)
 
-    # ---- networks: frozen pretrained teacher (RoB) or none (baseline: the student codes itself), fresh student
-    backbone, dim, arch = common.build_student(args.student, args.global_crops_size, args.patch_size,
-                                               args.drop_path_rate)
-    convnet = not common.is_vit(backbone)
-    if self_teacher:
-        feat_dim, n_prototypes, teacher = args.feat_dim, args.nmb_prototypes, None
-    else:  # the student's head predicts codes over the teacher's K prototypes
-        teacher = random_teacher(args.teacher) if args.benchmark else load_teacher(args.teacher)
-        n_prototypes, feat_dim = teacher.head.prototypes.weight.shape
-        patch = getattr(getattr(teacher.backbone, "patch_embed", None), "patch_size", (1,))[0]
-        if args.global_crops_size % patch:
-            raise ValueError(f"--global_crops_size {args.global_crops_size} is not a multiple of the teacher's patch "
-                             f"size {patch}: the teacher sees the global crops.")
-    own_prototypes = not args.use_teacher_prototypes
-    head = SwAVHead(dim, args.hidden_mlp, feat_dim, n_prototypes, use_bn=convnet, normalize=own_prototypes)
-    if not own_prototypes:  # a frozen copy: saved with the student, never optimised nor renormalised
-        head.prototypes.weight.data.copy_(teacher.head.prototypes.weight)
-        head.prototypes.requires_grad_(False)
-    student = MultiCropNetwork(backbone, head).to(device)
-    teacher_dtype = torch.float32
-    if teacher is not None:
-        teacher.to(device)
-        if device.type == "cuda" and precision != "fp32":  # stored in bf16, except the fp32 prototypes
-            teacher_dtype = amp_dtype
-            teacher.backbone.to(amp_dtype)
-            teacher.head.projection_head.to(amp_dtype)
-        if not common.is_vit(teacher.backbone):
-            teacher = teacher.to(memory_format=torch.channels_last)
-    if convnet:
-        student = student.to(memory_format=torch.channels_last)
-    if world_size > 1 and device.type == "cuda":  # SyncBatchNorm needs GPUs (a no-op without BN layers)
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    student_ddp = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else student
-    loss_fn = swav_loss
-    if args.compile:  # in place, so checkpoints keep their keys; ViTs per block (fast to compile)
-        for network in (student, teacher) if teacher is not None else (student,):
-            common.compile_model(network.backbone)
-            network.head.compile()
-        loss_fn = torch.compile(swav_loss)
-    overlap = args.overlap_teacher and device.type == "cuda" and teacher is not None
-    teacher_stream = torch.cuda.Stream(device) if overlap else None
-    queue = EmbeddingQueue(n_teacher, args.queue_length, feat_dim).to(device) if args.queue_length else None
-    n_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    common.log(f"student {args.student}: {n_params / 1e6:.1f}M parameters, {n_prototypes} prototypes of dim "
-               f"{feat_dim}; teacher: {args.teacher}, epsilon {epsilon}")
-
-    # ---- loss pairing, optimiser and per-iteration schedules
-    pairs = view_pairs(n_teacher, n_global + args.local_crops_number, swapped=args.swapped or self_teacher)
-    global_batch = args.batch_size_per_gpu * world_size
-    peak_lr = args.lr * global_batch / 256
+# ------------------------------------------------------------------------------------------------ training
+def build(args, device, iters_per_epoch, student, arch, teacher=None):
+    """Everything a training step needs, as one namespace: the student (and its DDP wrapper), the frozen teacher
+    (RoB; None for plain SwAV), the queue, the pairing, the optimiser (LARS or AdamW) and the schedules."""
     if args.optimizer == "lars":
         optimizer = LARS([p for p in student.parameters() if p.requires_grad])
-        warmup_start, min_lr = peak_lr / 16, peak_lr / 1000 if args.min_lr is None else args.min_lr
+        peak = args.lr * args.batch_size_per_gpu * common.get_world_size() / 256
+        warmup_start, min_lr = peak / 16, peak / 1000 if args.min_lr is None else args.min_lr
     else:
-        optimizer = torch.optim.AdamW(common.param_groups(student), fused=device.type == "cuda")
-        warmup_start, min_lr = 0.0, 1e-5 if args.min_lr is None else args.min_lr
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lr_schedule = common.cosine_schedule(peak_lr, min_lr, args.epochs, iters_per_epoch, args.warmup_epochs, warmup_start)
-    wd_schedule = common.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
-    queue_start = args.epoch_queue_starts * iters_per_epoch  # filled from then on, used once full
-    queue_full = queue_start + math.ceil(args.queue_length / global_batch)
+        optimizer, warmup_start, min_lr = None, 0.0, 1e-5 if args.min_lr is None else args.min_lr
+    run = training.setup_run(args, device, iters_per_epoch, student.to(device), arch, "rob_swav", optimizer=optimizer,
+                             warmup_start=warmup_start, min_lr=min_lr)
+    run.teacher, run.n_teacher = teacher, 2 if teacher is None else args.teacher_crops
+    if teacher is not None:
+        training.place_teacher(teacher, device, run, [teacher.backbone, teacher.head.projection_head])
+        training.check_patch(teacher.backbone, args.global_crops_size)
+    if args.compile:  # in place, so that checkpoints keep their keys; ViTs per block (fast to compile)
+        for network in [student] + ([teacher] if teacher is not None else []):
+            training.compile_model(network.backbone)
+            network.head.compile()
+    run.loss_fn = torch.compile(common.multi_crop_cross_entropy) if args.compile else common.multi_crop_cross_entropy
+    run.epsilon = args.epsilon if args.epsilon is not None else 0.05 if teacher is None else 0.03
+    run.pairs = common.view_pairs(run.n_teacher, 2 + args.local_crops_number, swapped=args.swapped or teacher is None)
+    run.own_prototypes = not args.use_teacher_prototypes
+    run.freeze_prototypes = args.freeze_prototypes_niters if args.freeze_prototypes_niters is not None else \
+        iters_per_epoch if teacher is None else 0  # plain SwAV: the first epoch; RoB: never (the reference)
+    feat_dim = student.head.prototypes.weight.shape[1]
+    run.queue = EmbeddingQueue(run.n_teacher, args.queue_length, feat_dim).to(device) if args.queue_length else None
+    run.queue_start = args.epoch_queue_starts * iters_per_epoch  # filled from then on, used once full
+    run.queue_full = run.queue_start + math.ceil(args.queue_length / run.global_batch)
+    common.log(f"student {args.student}: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.1f}M "
+               f"parameters, {student.head.prototypes.weight.shape[0]} prototypes of dim {feat_dim}; teacher: "
+               f"{args.teacher}, epsilon {run.epsilon}")
+    return run
 
-    def teacher_outputs_of(crops):
-        with torch.no_grad():
-            return teacher([c.to(teacher_dtype) for c in crops[:n_teacher]])
 
-    def train_step(crops, it):
-        """One optimisation step on a batch (list of crops, globals first); returns the loss, a 1-element tensor."""
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[it]
-            if i == 0:
-                group["weight_decay"] = wd_schedule[it]
-        torch.manual_seed(common.mix_seed(args.seed, rank, it))  # drop-path etc.: reproducible on resume
-        if overlap:  # the teacher runs on a second stream, concurrently with the student's forward
-            teacher_stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(teacher_stream):
-                teacher_out = teacher_outputs_of(crops)
-        elif not self_teacher:
-            teacher_out = teacher_outputs_of(crops)
-        with torch.autocast(device.type, amp_dtype, enabled=precision != "fp32"):
-            student_embeddings, student_scores = student_ddp(crops)
-        if overlap:
-            torch.cuda.current_stream(device).wait_stream(teacher_stream)
-        with torch.no_grad():
-            if self_teacher:  # baseline: codes from the student's own scores of the global crops
-                n_codes = n_teacher * len(crops[0])
-                code_embeddings, code_scores = student_embeddings[:n_codes], student_scores[:n_codes]
-                prototypes = student.head.prototypes.weight
-            else:
-                code_embeddings, code_scores = teacher_out
-                prototypes = teacher.head.prototypes.weight
-            use_queue = queue is not None and it >= queue_full
-            codes = torch.cat([teacher_codes(scores, epsilon, args.sinkhorn_iterations,
-                                             queue.share(v) @ prototypes.float().t() if use_queue else None)
-                               for v, scores in enumerate(code_scores.float().chunk(n_teacher))])
-            if queue is not None and it >= queue_start:
-                queue.push(code_embeddings)
-        loss = loss_fn(student_scores, codes, pairs, args.student_temp)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
-        if own_prototypes and it < args.freeze_prototypes_niters:  # prototypes frozen for the first iterations
-            student.head.prototypes.weight.grad = None
-        scaler.step(optimizer)
-        scaler.update()
-        if own_prototypes:
-            normalize_prototypes(student.head)
-        return loss.detach()[None]
+def teacher_forward(run, crops):
+    """The frozen teacher's (embeddings, prototype scores) of its crops."""
+    with torch.no_grad():
+        return run.teacher([c.to(run.teacher_dtype) for c in crops[:run.n_teacher]])
 
-    if args.benchmark:  # a fixed synthetic batch on the device; FLOPs counted on an eager step
-        crops = benchmark_batch(args, n_global, device, convnet)
-        with torch.compiler.set_stance("force_eager"):
-            flops_per_image = common.count_flops(lambda: train_step(crops, 0)) / args.batch_size_per_gpu
-        steps = iter(range(10 ** 9))
-        return common.benchmark(lambda: train_step(crops, next(steps) % iters_per_epoch), args.benchmark, 3,
-                                global_batch, flops_per_image, device, amp_dtype,
-                                f"RoB-SwAV {args.student} <- {args.teacher}, batch {args.batch_size_per_gpu}/GPU, "
-                                f"{n_global}x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}"
-                                + (", compiled" if args.compile else "") + (", teacher on a side stream" if overlap else ""))
 
-    # ---- resume (output_dir/checkpoint.pth), then the loop
-    start_step = 0
-    ckpt = common.load_resume_checkpoint(output_dir, "rob_swav")
-    if ckpt is not None:
-        student.load_state_dict(ckpt["student"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if queue is not None and "queue" in ckpt:
-            queue.load_state_dict(ckpt["queue"])
-        start_step = ckpt["step"]
-        common.log(f"resumed from {output_dir / 'checkpoint.pth'} at step {start_step} (epoch {ckpt['epoch']})")
+@torch.no_grad()
+def codes_of(run, embeddings, scores, prototypes, it):
+    """Sinkhorn codes of each coded view over the global batch (and the queue, once full), then queue the
+    embeddings."""
+    use_queue = run.queue is not None and it >= run.queue_full
+    codes = torch.cat([teacher_codes(view_scores, run.epsilon, run.args.sinkhorn_iterations,
+                                     run.queue.share(v) @ prototypes.float().t() if use_queue else None)
+                       for v, view_scores in enumerate(scores.float().chunk(run.n_teacher))])
+    if run.queue is not None and it >= run.queue_start:
+        run.queue.push(embeddings)
+    return codes
 
-    def save_checkpoint(step, epoch):
-        if not common.is_main_process():
-            return
-        state = dict(method="rob_swav", arch=arch, args=vars(args), step=step, epoch=epoch,
-                     student=student.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
-        if queue is not None:
-            state.update(queue=queue.state_dict())
-        common.save_atomic(state, output_dir / "checkpoint.pth")
-        if args.saveckp_freq and step % iters_per_epoch == 0 and epoch % args.saveckp_freq == 0:
-            common.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
-        common.export_timm(student.backbone, arch, output_dir / "student_timm.pth")
 
-    stop, stats = common.StopRequest(), common.StepStats()
-    step = start_step
+def train_step(run, crops, it):
+    """One optimisation step on a batch (list of crops, globals first); returns the loss, a 1-element tensor."""
+    training.start_step(run, it)  # lr, weight decay, and a seed per step for drop-path (exact resume)
+    teacher_out = run.side_stream.start(teacher_forward, run, crops) if run.teacher is not None else None
+    with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp):
+        student_embeddings, student_scores = run.student_ddp(crops)
+    if run.teacher is None:
+        embeddings, scores, prototypes = own_codes(run, student_embeddings, student_scores, len(crops[0]))
+    else:
+        (embeddings, scores), prototypes = run.side_stream.join(teacher_out), run.teacher.head.prototypes.weight
+    codes = codes_of(run, embeddings, scores, prototypes, it)
+    loss = run.loss_fn(student_scores, codes, run.pairs, run.args.student_temp)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    if run.args.clip_grad:
+        nn.utils.clip_grad_norm_(run.student.parameters(), run.args.clip_grad)
+    if run.own_prototypes and it < run.freeze_prototypes:  # prototypes frozen for the first iterations
+        run.student.head.prototypes.weight.grad = None
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.own_prototypes:
+        normalize_prototypes(run.student.head)
+    return loss.detach()[None]
 
-    term_names = ["train_loss"]
 
-    def check(values, at_step):
-        """Host side of a finished step: NaN stop and progress; True if a process asked to stop."""
-        *terms, stop_votes = values
-        if not math.isfinite(terms[0]):
-            raise FloatingPointError(f"non-finite loss {terms[0]} at step {at_step}; stopping without saving, "
-                                     f"{output_dir / 'checkpoint.pth'} is intact. Lower --lr, raise --warmup_epochs, "
-                                     "keep --clip_grad or use --precision bf16/fp32.")
-        epoch_terms.append(terms)
-        progress.set_postfix(loss=f"{terms[0]:.4f}", lr=f"{lr_schedule[at_step]:.2e}",
-                             img_s=f"{len(epoch_terms) * global_batch / (time.time() - start_time):.0f}")
-        return stop_votes > 0
-
-    for epoch in range(start_step // iters_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_batch=step - epoch * iters_per_epoch)
-        progress = tqdm(loader, desc=f"epoch {epoch}", disable=not common.is_main_process(), dynamic_ncols=True,
-                        initial=step - epoch * iters_per_epoch, total=iters_per_epoch)
-        epoch_terms, start_time, stopping = [], time.time(), False
-        for batch, _ in progress:
-            if args.gpu_augment:  # decode + augment here, with a per-step seed (reproducible on resume)
-                generator = torch.Generator().manual_seed(common.mix_seed(args.seed, rank, step, 1))
-                crops = augmentation.batch(common.decode_images(batch, device), generator)
-            else:
-                crops = [c.to(device, non_blocking=True) for c in batch]
-            if convnet:
-                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-            terms = train_step(crops, step)
-            # averaged over processes with a stop vote; read one step late, so the host never waits for the GPU
-            previous = stats.push(torch.cat([terms, torch.tensor([float(stop.requested)], device=device)]))
-            step += 1
-            if previous is not None and check(previous, step - 2):
-                stopping = True  # every process sees the same votes: all stop after this same step
+def train_one_epoch(run, data, epoch, step, stop):
+    """The steps of `epoch` from `step` (mid-epoch after a resume) to its end or to a stop request (Ctrl-C,
+    SIGTERM), then a checkpoint. Loss values are read one step late (the host never waits for the GPU).
+    Returns (step, whether to stop)."""
+    first = step - epoch * run.iters_per_epoch
+    data.sampler.set_epoch(epoch, start_batch=first)
+    stats, start, stopping = training.StepStats(["train_loss"]), time.time(), False
+    progress = tqdm(data.loader, desc=f"epoch {epoch}", initial=first, total=run.iters_per_epoch,
+                    disable=not common.is_main_process(), dynamic_ncols=True)
+    for batch, indices in progress:
+        crops = training.crops_on_device(batch, indices, data.dataset, data.augmentation, run.args, run.device, step,
+                                         channels_last=not common.is_vit(run.student.backbone))
+        done = stats.push(train_step(run, crops, step), stop.requested, step)
+        step += 1
+        if done:
+            progress.set_postfix(loss=f"{done[0][0]:.4f}", lr=f"{run.lr_schedule[step - 1]:.2e}")
+            if done[1]:  # every process sees the same votes: all stop after this same step
+                stopping = True
                 break
-        last = stats.flush()
-        stopping = (last is not None and check(last, step - 1)) or stopping
-        if step % iters_per_epoch == 0:  # a complete epoch: log it
-            means = [sum(column) / len(column) for column in zip(*epoch_terms)]
-            record = dict(epoch=epoch, step=step, **dict(zip(term_names, means)),
-                          lr=lr_schedule[step - 1], wd=wd_schedule[step - 1],
-                          images_per_s=len(epoch_terms) * global_batch / (time.time() - start_time),
-                          skipped_images=int(dataset.num_skipped),
-                          time=str(datetime.timedelta(seconds=int(time.time() - start_time))))
-            if common.is_main_process():
-                with open(output_dir / "log.txt", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        save_checkpoint(step, step // iters_per_epoch)
-        if stopping:
-            common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
-            return
-    common.log(f"done; student backbone for timm: {output_dir / 'student_timm.pth'}")
+    done = stats.flush()
+    stopping = stopping or (done is not None and done[1])
+    training.check_state([run.student], run.optimizer, probe=lambda: run.student(crops)[1])
+    training.save_run(run, data, step, stats, time.time() - start,
+                      {"queue": run.queue.state_dict()} if run.queue is not None else {})
+    return step, stopping
 
 
-def benchmark_batch(args, n_global, device, convnet):
-    """--benchmark: a fixed synthetic batch on the device, so that no data loading is timed."""
-    b, g, l = args.batch_size_per_gpu, args.global_crops_size, args.local_crops_size
-    crops = ([torch.randn(b, 3, g, g, device=device) for _ in range(n_global)]
-             + [torch.randn(b, 3, l, l, device=device) for _ in range(args.local_crops_number)])
-    return [c.contiguous(memory_format=torch.channels_last) for c in crops] if convnet else crops
+def main(args):
+    check_args(args)
+    rank, world_size, device = common.init_distributed()
+    data = training.build_training_data(args, build_augmentation(args))
+    teacher = None if args.teacher == "self" else load_teacher(args.teacher)
+    student, arch = build_student(args, teacher)
+    run = build(args, device, len(data.loader), student, arch, teacher)
+    with training.OutputDir(args.output_dir) as output_dir:
+        ckpt = training.resume(run, data, output_dir, "rob_swav")
+        if ckpt is not None and run.queue is not None and "queue" in ckpt:
+            run.queue.load_state_dict(ckpt["queue"])
+        stop, step = training.StopRequest(), run.start_step
+        for epoch in range(step // run.iters_per_epoch, args.epochs):
+            step, stopping = train_one_epoch(run, data, epoch, step, stop)
+            if stopping:
+                common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+                return stop.exit_code()
+        training.finish(output_dir, run.student.backbone, run.arch)
+    return 0
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser("RoB-SwAV", parents=[get_args_parser()]).parse_args())
+    training.run_main(main, argparse.ArgumentParser("RoB-SwAV", parents=[get_args_parser()]))

@@ -13,6 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import gpu_augment  # noqa: E402
 
 
 def make_jpeg(args):
@@ -56,11 +57,11 @@ def main():
     if torch.cuda.is_available():  # the --gpu_augment stages alone, on the GPU
         device = torch.device("cuda")
         raw = common.build_dataset(args.folder, raw=True)
-        batches = [common.collate_raw([raw[i] for i in range(k, k + args.batch)])[0]
+        batches = [gpu_augment.collate_raw([raw[i] for i in range(k, k + args.batch)])[0]
                    for k in range(0, 8 * args.batch, args.batch)]
         aug = common.MultiCropAugmentation()
-        for name, fn in [("decode", lambda b: common.decode_images(b, device)),
-                         ("decode + multi-crop", lambda b: aug.batch(common.decode_images(b, device)))]:
+        for name, fn in [("decode", lambda b: gpu_augment.decode_images(b, device)),
+                         ("decode + multi-crop", lambda b: aug.batch(gpu_augment.decode_images(b, device)[0]))]:
             fn(batches[0])
             torch.cuda.synchronize()
             start = time.time()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import training
 from conftest import OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, run_script
 
 
@@ -178,7 +179,7 @@ def test_save_atomic_survives_a_kill_during_the_write(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     deadline = time.time() + 60
-    while not (tmp_path / "checkpoint.pth.tmp").exists() and time.time() < deadline:
+    while not list(tmp_path.glob(".checkpoint.pth.*.tmp")) and time.time() < deadline:
         time.sleep(0.005)
     proc.kill()  # SIGKILL while the 600 MB temporary file is being written
     proc.wait()
@@ -204,19 +205,19 @@ def test_export_timm_loads_with_timm_pretrained_cfg_overlay(tmp_path):
 
 
 def test_cosine_schedule():
-    values = common.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=10, warmup_epochs=1, warmup_start=0.0)
+    values = training.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=10, warmup_epochs=1, warmup_start=0.0)
     assert len(values) == 40
     assert values[0] == 0.0 and abs(values[10] - 1.0) < 1e-12  # warm-up reaches the base, then cosine starts
     assert all(a <= b + 1e-12 for a, b in zip(values[:10], values[1:11]))
     assert all(a >= b - 1e-12 for a, b in zip(values[10:], values[11:]))
     assert abs(values[-1] - (0.1 + 0.45 * (1 + math.cos(29 / 30 * math.pi)))) < 1e-12
     with pytest.raises(ValueError, match="--warmup_epochs"):
-        common.cosine_schedule(1.0, 0.1, epochs=2, iters_per_epoch=10, warmup_epochs=2)
+        training.cosine_schedule(1.0, 0.1, epochs=2, iters_per_epoch=10, warmup_epochs=2)
 
 
 def test_param_groups_exclude_biases_and_norms_from_weight_decay():
     model, _, _ = common.build_student("test_vit", img_size=32, patch_size=8)
-    decay, no_decay = common.param_groups(model)
+    decay, no_decay = training.param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
     assert any("norm" in names[id(p)] for p in no_decay["params"])
@@ -228,10 +229,11 @@ def test_build_student_aliases_and_timm_names():
     model, dim, arch = common.build_student("vit_tiny", img_size=32, patch_size=4)
     assert dim == 192 and model(torch.randn(1, 3, 32, 32)).shape == (1, 192)
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 192)  # local crops of another size work
-    model, dim, _ = common.build_student("mobilenet_v3")
-    assert dim == 1280 and model(torch.randn(2, 3, 64, 64)).shape == (2, 1280)
-    model, dim, _ = common.build_student("resnet18")
-    assert dim == 512
+    model, dim, arch = common.build_student("mobilenet_v3")  # the reference reads the 960-d pooled features
+    assert dim == 960 and model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 960)
+    assert "conv_head.weight" not in model.state_dict() and common.create_backbone(arch).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 960)
+    model, dim, _ = common.build_student("resnet18")  # torchvision's init: no zero-initialised last BN per block
+    assert dim == 512 and all(block.bn2.weight.eq(1).all() for layer in (model.layer1, model.layer4) for block in layer)
     model, dim, arch = common.build_student("test_vit", img_size=32, patch_size=4, drop_path_rate=0.1)
     assert arch == dict(name="test_vit", kwargs=dict(num_classes=0, drop_path_rate=0.1, img_size=32,
                                                      dynamic_img_size=True, patch_size=4))
@@ -289,9 +291,12 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, fashion_mnist_folder):
         warnings.simplefilter("always")
         samples = [dataset[(0, i)] for i in range(len(dataset))]
     assert all(s[0].shape == (3, 32, 32) for s in samples)
-    # sorted files: 0.png 0_text.png 0_truncated.jpg 1.png 2.png; sample 1 falls through two bad files, sample 2 one
-    assert int(dataset.num_skipped) == 3
+    # sorted files: 0.png 0_text.png 0_truncated.jpg 1.png 2.png; sample 1 falls through two bad files, sample 2
+    # through one of the same: three attempts, two unreadable images (counted once each, however often they are hit)
+    assert dataset.num_skipped == 2 and dataset.unreadable.nonzero()[:, 0].tolist() == [1, 2]
     assert sum("skipping unreadable image" in str(w.message) for w in caught) == 3
+    [dataset[(1, i)] for i in range(len(dataset))]  # another epoch: the same two images
+    assert dataset.num_skipped == 2
     assert torch.equal(samples[1][0], samples[3][0])  # both fell back to 1.png
 
 
@@ -316,7 +321,7 @@ def test_loader_refuses_a_dataset_smaller_than_a_batch():
 
 
 SHARD_SCRIPT = """
-import json, os, sys
+import json, os, sys, torch.distributed
 sys.path.insert(0, {root!r})
 import common
 rank, world, _ = common.init_distributed()
@@ -327,6 +332,8 @@ for epoch, start in [(0, 0), (1, 0), (1, 2)]:
     sampler.set_epoch(epoch, start_batch=start)
     out[f"{{epoch}}_{{start}}"] = [key for key in sampler]
 json.dump(out, open(os.path.join({out!r}, f"rank{{rank}}.json"), "w"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 

@@ -176,7 +176,7 @@ def test_clear_errors_for_checkpoints_it_cannot_read(tmp_path):
         eval_linear.main(eval_linear.get_args_parser().parse_args(
             ["--checkpoint", str(OFFICIAL_TINY / "dino_tiny_full_checkpoint.pth"), "--knn"]))
     torch.save(dict(method="rob_dino", arch=arch, student={}), tmp_path / "rob.pth")
-    with pytest.raises(ValueError, match="no teacher network.*--checkpoint_key student"):
+    with pytest.raises(ValueError, match="holds no teacher backbone"):
         eval_linear.load_backbone(tmp_path / "rob.pth", checkpoint_key="teacher")
 
 

@@ -13,7 +13,8 @@ import torch
 
 import common
 import rob_dino
-from conftest import ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_script
+from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_script,
+                      without_key_bias)
 
 DINO_TINY = OFFICIAL_TINY / "dino_tiny_full_checkpoint.pth"
 TINY_RUN = ["--student", "test_vit", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -158,7 +159,7 @@ def test_two_processes_equal_one_process(tmp_path, small_folder):
     assert abs(logs[0]["train_loss"] - logs[1]["train_loss"]) < 1e-5
     one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
     for name in one:
-        torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(*without_key_bias(name, one[name], two[name]), atol=1e-5, rtol=0)
     # not vacuous: the 3 steps moved the weights far more than the tolerance (lr 0 leaves the initial ones)
     run_script(["rob_dino.py", *common_args, "--batch_size_per_gpu", "8", "--lr", "0", "--output_dir", tmp_path / "init"])
     init = student_weights(tmp_path / "init")
@@ -219,7 +220,9 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_folder):
 
 def test_compiled_step_gives_the_eager_loss_and_weights(tmp_path, small_folder):
     """--compile (inductor, per-block for the ViTs) computes the same steps as eager mode, in fp32 on the CPU."""
-    args = TINY_RUN + ["--data_path", small_folder, "--batch_size_per_gpu", "8", "--epochs", "1", "--subset", "16"]
+    # lr 0.01: Adam turns the float-rounding differences of near-zero gradients into steps of up to lr * noise / eps
+    args = TINY_RUN + ["--data_path", small_folder, "--batch_size_per_gpu", "8", "--epochs", "1", "--subset", "16",
+                       "--lr", "0.01"]
     run_script(["rob_dino.py", *args, "--output_dir", tmp_path / "eager"])
     run_script(["rob_dino.py", *args, "--compile", "--output_dir", tmp_path / "compiled"])
     logs = [json.loads((tmp_path / d / "log.txt").read_text()) for d in ("eager", "compiled")]
@@ -247,14 +250,16 @@ def test_gpu_augment_reaches_the_knn_of_the_pil_path(tmp_path):
 
 
 def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path, small_folder):
+    teacher = tmp_path / "teacher.pth"
+    teacher.write_bytes(DINO_TINY.read_bytes())
     args = TINY_RUN[:] + ["--data_path", small_folder, "--batch_size_per_gpu", "8", "--output_dir", tmp_path / "run"]
+    args[args.index(DINO_TINY)] = teacher
     run_script(["rob_dino.py", *args, "--epochs", "1"])  # a good epoch: checkpoint at step 3
     before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
-    poisoned = common.load_file(DINO_TINY)
+    poisoned = common.load_file(teacher)
     poisoned["teacher"]["head.mlp.0.bias"][0] = float("nan")  # the teacher's outputs, hence the loss, become NaN
-    torch.save(poisoned, tmp_path / "nan_teacher.pth")
-    args[args.index(DINO_TINY)] = tmp_path / "nan_teacher.pth"
+    torch.save(poisoned, teacher)  # the same file (other flags would be refused on resume)
     result = run_script(["rob_dino.py", *args, "--epochs", "2"], check=False)  # resumes at step 3, then NaN
-    assert result.returncode != 0
+    assert result.returncode == 3
     assert re.search(r"non-finite loss nan at step 3\b", result.stderr), result.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before

@@ -15,15 +15,15 @@ import torch
 
 import common
 import rob_ibot
-from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain,
-                      run_script)
+from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_script,
+                      without_key_bias)
 
 IBOT_TINY = OFFICIAL_TINY / "ibot_tiny_checkpoint.pth"
 # test_vit student with the tiny teacher's patch size (16) at 64 px: a 4 x 4 patch grid
 TINY_RUN = ["--student", "test_vit", "--global_crops_size", "64", "--local_crops_size", "32",
             "--local_crops_number", "2", "--teacher", IBOT_TINY, "--num_workers", "0", "--drop_path_rate", "0",
             "--warmup_epochs", "0", "--saveckp_freq", "0", "--lr", "0.05"]
-EMA_HEAD = ["--out_dim", "64", "--patch_out_dim", "48", "--hidden_dim", "32", "--bottleneck_dim", "16"]
+EMA_HEAD = ["--out_dim", "64", "--patch_out_dim", "48", "--hidden_dim", "32", "--bottleneck_dim", "16", "--no-shared_head"]
 
 
 def parse(args):
@@ -72,8 +72,8 @@ def test_cls_loss_matches_a_float64_loop(swapped):
     torch.manual_seed(0)
     n_global, n_crops, b, k = 2, 5, 3, 11
     student_logits, teacher_logits = torch.randn(n_crops * b, k) * 3, torch.randn(n_global * b, k) * 0.3
-    pairs = rob_ibot.view_pairs(n_global, n_crops, swapped)
-    loss = rob_ibot.cls_loss(student_logits, rob_ibot.teacher_probs(teacher_logits, 0.07), pairs, 0.1)
+    pairs = common.view_pairs(n_global, n_crops, swapped)
+    loss = common.multi_crop_cross_entropy(student_logits, rob_ibot.teacher_probs(teacher_logits, 0.07), pairs, 0.1)
     assert abs(loss.item() - reference_cls_loss(student_logits, teacher_logits, n_global, swapped, 0.07, 0.1)) < 1e-4
 
 
@@ -322,9 +322,10 @@ def test_ema_baseline_updates_its_teacher_and_teaches_rob(tmp_path, small_folder
     assert teacher.head.last_layer.weight.shape == (64, 16) and teacher.head.last_layer2.weight.shape == (48, 16)
     assert torch.equal(teacher.backbone.cls_token, ckpt["teacher"]["backbone.cls_token"])
     run_main(TINY_RUN + ["--teacher", tmp_path / "ema" / "checkpoint.pth", "--data_path", small_folder,
-                         "--batch_size_per_gpu", "8", "--epochs", "1", "--output_dir", tmp_path / "rob"])
+                         "--batch_size_per_gpu", "8", "--epochs", "1", "--no-shared_head", "--output_dir", tmp_path / "rob"])
     rob = common.load_file(tmp_path / "rob" / "checkpoint.pth")
-    assert rob["step"] == 3 and rob["student"]["head.last_layer2.parametrizations.weight.original1"].shape == (48, 16)
+    # the student's head predicts the teacher's 48 patch outputs through its own bottleneck (the flag's 256)
+    assert rob["step"] == 3 and rob["student"]["head.last_layer2.parametrizations.weight.original1"].shape == (48, 256)
 
 
 def student_weights(output_dir):
@@ -333,7 +334,9 @@ def student_weights(output_dir):
 
 def test_two_processes_equal_one_process(tmp_path, small_folder):
     """torchrun with 2 processes x 4 images = 1 process x 8 images: same loss, same weights after 3 steps."""
-    common_args = TINY_RUN + ["--data_path", small_folder, "--epochs", "1"]
+    # lr 0.02: at 0.05 AdamW turns the float32 rounding of 2 x 4 vs 8 into 1.01e-5 in one of the shared head's
+    # 4 M weights; 0.02 still moves the weights 100 times the tolerance (checked below)
+    common_args = TINY_RUN + ["--data_path", small_folder, "--epochs", "1", "--lr", "0.02"]
     run_main(common_args + ["--batch_size_per_gpu", "8", "--output_dir", tmp_path / "one"])
     run_script(["rob_ibot.py", *common_args, "--batch_size_per_gpu", "4", "--output_dir", tmp_path / "two"], nproc=2)
     logs = [json.loads((tmp_path / d / "log.txt").read_text()) for d in ("one", "two")]
@@ -342,11 +345,11 @@ def test_two_processes_equal_one_process(tmp_path, small_folder):
         assert abs(logs[0][key] - logs[1][key]) < 1e-5, key
     one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
     for name in one:
-        torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(*without_key_bias(name, one[name], two[name]), atol=1e-5, rtol=0)
     # not vacuous: the 3 steps moved the weights (mask token included) far more than the tolerance
     run_main(common_args + ["--batch_size_per_gpu", "8", "--lr", "0", "--output_dir", tmp_path / "init"])
     init = student_weights(tmp_path / "init")
-    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3
+    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3  # measured 1.4e-3 (mask token 1.2e-3)
     assert (one["mask_token"] - init["mask_token"]).abs().max() > 1e-4
 
 

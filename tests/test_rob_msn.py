@@ -86,8 +86,8 @@ def test_distillation_loss_matches_a_float64_loop(swapped):
     n_global, n_crops, b, k, d = 2, 5, 3, 7, 4
     projection, prototypes = torch.randn(n_global * b, d), torch.randn(k, d)
     student_logits = torch.randn(n_crops * b, k) * 3
-    pairs = rob_msn.view_pairs(n_global, n_crops, swapped)
-    loss = rob_msn.distillation_loss(student_logits, rob_msn.teacher_probs(projection, prototypes, 0.025), pairs, 0.1)
+    pairs = common.view_pairs(n_global, n_crops, swapped)
+    loss = common.multi_crop_cross_entropy(student_logits, rob_msn.teacher_probs(projection, prototypes, 0.025), pairs, 0.1)
     assert loss.dtype == torch.float32
     total, n_pairs = 0.0, 0
     for t in range(n_global):
@@ -104,8 +104,8 @@ def test_distillation_loss_matches_a_float64_loop(swapped):
 
 
 def test_same_view_pairing_skips_the_cross_pair():
-    assert rob_msn.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-    assert rob_msn.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert common.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert common.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
 
 
 def msn_reference_loss(anchors, targets, prototypes, n_views, tau=0.1, sharpen=0.25, sinkhorn_iterations=3):
@@ -135,7 +135,7 @@ def test_baseline_loss_matches_msn_in_float64():
     target_probs = rob_msn.sinkhorn(rob_msn.teacher_probs(targets, prototypes, 0.025), 3)
     torch.testing.assert_close(target_probs.sum(1), torch.ones(b))
     pairs = [(0, s) for s in range(n_views)]
-    loss = rob_msn.distillation_loss(scores, target_probs, pairs, 0.1) + rob_msn.me_max(scores, 0.1)
+    loss = common.multi_crop_cross_entropy(scores, target_probs, pairs, 0.1) + rob_msn.me_max(scores, 0.1)
     assert abs(loss.item() - msn_reference_loss(anchors, targets, prototypes, n_views)) < 1e-5
     # the parts matter: no Sinkhorn, or no me-max, gives another value
     assert abs(loss.item() - msn_reference_loss(anchors, targets, prototypes, n_views, sinkhorn_iterations=0)) > 1e-3
@@ -284,7 +284,9 @@ def test_teacher_stays_frozen(tmp_path, small_folder, monkeypatch):
         assert torch.equal(a, b), name  # BN running statistics included: eval mode throughout
     ckpt = common.load_file(tmp_path / "checkpoint.pth")
     assert ckpt["step"] == 6 and ckpt["method"] == "rob_msn" and "teacher" not in ckpt
-    assert ckpt["student"]["head.3.weight"].shape == (128, 2048)  # logits over the teacher's 128 prototypes
+    assert ckpt["student"]["head.2.weight"].shape == (128, 2048)  # logits over the teacher's 128 prototypes
+    assert [k for k in ckpt["student"] if k.startswith("head.")] == ["head.0.weight", "head.0.bias", "head.2.weight",
+                                                                     "head.2.bias"]  # Linear -> Linear, no activation
     assert len((tmp_path / "log.txt").read_text().splitlines()) == 2
 
 

@@ -112,6 +112,8 @@ queue = rob_swav.EmbeddingQueue(n_views=1, length=5, dim=2)
 queue.push(torch.full((2, 2), float(rank)))
 queue.push(torch.full((2, 2), 10.0 + rank))
 torch.save(dict(codes=codes, queue=queue.embeddings, share=queue.share(0)), {out!r} + f"/rank{{rank}}.pt")
+dist.barrier()
+dist.destroy_process_group()  # an open process group can abort the interpreter at exit (a flaky red test)
 """
 
 
@@ -156,17 +158,17 @@ def test_loss_matches_a_float64_loop(n_teacher, swapped):
     n_crops, b, k = 5, 3, 11
     student_scores = torch.rand(n_crops * b, k) * 2 - 1
     codes = rob_swav.sinkhorn_knopp(torch.rand(n_teacher * b, k), 0.03, 3)
-    pairs = rob_swav.view_pairs(n_teacher, n_crops, swapped)
-    loss = rob_swav.swav_loss(student_scores, codes, pairs, 0.1)
+    pairs = common.view_pairs(n_teacher, n_crops, swapped)
+    loss = common.multi_crop_cross_entropy(student_scores, codes, pairs, 0.1)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - reference_loss(student_scores, codes, n_teacher, swapped, 0.1)) < 1e-4
 
 
 def test_view_pairs():
-    assert rob_swav.view_pairs(1, 4, swapped=False) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # crop 0 included
-    assert rob_swav.view_pairs(1, 4, swapped=True) == [(0, 1), (0, 2), (0, 3)]
-    assert rob_swav.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-    assert rob_swav.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert common.view_pairs(1, 4, swapped=False) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # crop 0 included
+    assert common.view_pairs(1, 4, swapped=True) == [(0, 1), (0, 2), (0, 3)]
+    assert common.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert common.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
 
 
 # ------------------------------------------------------------------------------------------- optimiser
