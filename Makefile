@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install test test-slow demo reproduce gpu-check
+.PHONY: install test test-slow demo teachers reproduce gpu-check
 
 install:  ## the pinned requirements (+ Debian's Fashion-MNIST when it is missing and apt is there)
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -21,7 +21,10 @@ test-slow: install  ## the Fashion-MNIST training runs per method (a few minutes
 demo: install  ## RoB-DINO vs plain DINO on Fashion-MNIST from the shipped teacher, evaluated (CPU, < 10 minutes)
 	bash reproduce/demo.sh
 
-reproduce:  ## the README's Fashion-MNIST table, all four methods (hours on 2 CPU cores)
+teachers:  ## train the four Fashion-MNIST teachers again into assets/ (hours on 2 CPU cores, minutes on a GPU)
+	bash reproduce/train_teachers.sh
+
+reproduce:  ## the README's Fashion-MNIST table and curves, all four methods, from the teachers in assets/
 	bash reproduce/fashion_mnist.sh
 
 gpu-check:  ## the README's GPU tables (one GPU, about 6 minutes)
