@@ -1,7 +1,7 @@
 """k-NN accuracy along a run: every checkpointNNNN.pth of a run folder (and the random initialisation, epoch 0),
-scored on Fashion-MNIST (60,000 train / 10,000 test images, 28 px) by DINO's weighted k-NN (k 20, T 0.07) on the
-backbone features, as eval_linear.py --knn does. One JSON line per epoch goes to RUN/curve.txt (existing epochs
-are skipped).
+scored on Fashion-MNIST (the first --train_images training images as memory, the 10,000 test images, 28 px) by
+DINO's weighted k-NN (k 20, T 0.07) on the backbone features, as eval_linear.py --knn does.
+One JSON line per epoch goes to RUN/curve.txt (existing epochs are skipped).
   --key student: the student of a RoB or plain run (the comparison's curves);
   --key teacher: the network that teaches, loaded as the method's RoB student will load it (the EMA teacher of a
   DINO / iBOT / MSN baseline, a SwAV run's network), also scored on its target distributions (softmax of the head
@@ -25,9 +25,10 @@ import common  # noqa: E402
 import eval_linear  # noqa: E402
 
 
-def images_and_labels(train, batch=2000):
-    """A Fashion-MNIST split as eval_linear.py sees it (28 px, normalised), in memory."""
+def images_and_labels(train, limit=None, batch=2000):
+    """A Fashion-MNIST split as eval_linear.py sees it (28 px, normalised), in memory: its first `limit` images."""
     dataset = eval_linear.build_split("fashion-mnist", train, common.eval_transform(28, resize=28), 28)
+    dataset = torch.utils.data.Subset(dataset, range(min(limit or len(dataset), len(dataset))))
     images, labels = zip(*DataLoader(dataset, batch_size=batch, num_workers=1))
     return torch.cat(images), torch.cat(labels)
 
@@ -77,6 +78,8 @@ def main():
     parser.add_argument("--key", default="student", choices=["student", "teacher"])
     parser.add_argument("--points", type=int, default=0, help="Evaluate only this many epochs, evenly spaced, the "
                         "last included (0: all).")
+    parser.add_argument("--train_images", type=int, default=10000, help="k-NN memory: the first N training images "
+                        "(default 10,000: a point costs a fifth of the full 60,000's; the table's k-NN uses all).")
     parser.add_argument("--steps_per_epoch", type=int, default=None, help="Recorded with each point (default: "
                         "read from the checkpoint).")
     args = parser.parse_args()
@@ -91,7 +94,7 @@ def main():
     first = common.load_file(paths[-1])
     method = first["method"].removeprefix("rob_")
     steps = args.steps_per_epoch or first.get("iters_per_epoch") or first["step"] // max(first["epoch"], 1)
-    train, test = images_and_labels(True), images_and_labels(False)
+    train, test = images_and_labels(True, args.train_images), images_and_labels(False)
     out = run / ("curve.txt" if args.key == "student" else "teacher_curve.txt")
     done = {json.loads(line)["epoch"] for line in out.read_text().splitlines()} if out.exists() else set()
     jobs = ([(0, None)] if args.key == "student" else []) + [(int(re.search(r"(\d{4})\.pth$", p.name).group(1)), p)

@@ -5,7 +5,7 @@
 # evaluated by k-NN on the 10,000 test images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/demo}; TEACHER=${TEACHER:-assets/fmnist_dino_vit_nano.pth}; EPOCHS=${EPOCHS:-5}
+OUT=${OUT:-runs/demo}; TEACHER=${TEACHER:-assets/fmnist_dino_vit_nano.pth}; EPOCHS=${EPOCHS:-3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # the same budget for both students: EPOCHS epochs of 100 steps of 128 images from a 12,800-image subset
 DATA="--student vit_pico --data_path fashion-mnist --gpu_augment --num_workers 1 --global_crops_size 28

@@ -10,7 +10,7 @@
 # (default "rob plain"; MODES=plain trains the baselines alone, e.g. while the teachers are still training).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-runs/fashion_mnist}; SEEDS=${SEEDS:-0 1 2}; EPOCHS=${EPOCHS:-5}; JOBS=${JOBS:-2}; PY=${PYTHON:-python3}
+RUNS=${RUNS:-runs/fashion_mnist}; SEEDS=${SEEDS:-0 1 2}; EPOCHS=${EPOCHS:-3}; JOBS=${JOBS:-2}; PY=${PYTHON:-python3}
 METHODS=${*:-dino ibot msn swav}; MODES=${MODES:-rob plain}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 # 28 px images, patch 7: 4x4 tokens for the global crops, 2x2 for the 14 px local crops; batched augmentation
@@ -33,7 +33,7 @@ mkdir -p $RUNS
 evaluate() {  # $1 checkpoint, $2 output folder, $3 method, then eval_linear flags
   local low=""; [ "$3" = msn ] && low="--low_shot"
   [ -s "$2/eval_log.txt" ] || $PY eval_linear.py --checkpoint "$1" "${@:4}" --data_path fashion-mnist --img_size 28 \
-    --knn --nb_knn 20 --linear --epochs 20 $low --batch_size_per_gpu 500 --num_workers 1 --output_dir "$2" > /dev/null
+    --knn --nb_knn 20 --linear --epochs 20 $low --batch_size_per_gpu 500 --num_workers 1 --output_dir "$2" > "$2.eval.log" 2>&1
 }
 
 student() {  # $1 method, $2 rob|plain, $3 seed
@@ -43,7 +43,8 @@ student() {  # $1 method, $2 rob|plain, $3 seed
     || { echo "[reproduce] $out failed: see $out.log"; return 1; }
   evaluate $out/checkpoint.pth $out $m --checkpoint_key student
   $PY reproduce/curve.py $out > /dev/null
-  echo "[reproduce] $out: $(tail -1 $out/eval_log.txt | cut -c1-160)"
+  echo "[reproduce] $out: $($PY -c "import json, sys; r = json.loads(open(sys.argv[1]).readlines()[-1])
+print('k-NN', r['knn']['20']['top1'], 'linear', r['linear']['top1'])" $out/eval_log.txt)"
 }
 
 for m in $METHODS; do  # the teachers, as shipped
@@ -62,5 +63,15 @@ done
 wait
 [ "$MODES" = "rob plain" ] || exit 0  # the table and the figure need both
 $PY reproduce/table.py $RUNS $METHODS | tee $RUNS/table.md
+OUT=reproduce/results/fashion_mnist; mkdir -p $OUT  # what the README shows: the table, every run's scores, curves
+cp $RUNS/table.md $OUT/
+for m in $METHODS; do
+  for run in $RUNS/${m}_teacher $RUNS/${m}_rob_s* $RUNS/${m}_plain_s*; do
+    tail -1 $run/eval_log.txt > $OUT/$(basename $run)_eval.json
+    for curve in curve teacher_curve; do
+      if [ -f $run/$curve.txt ]; then cp $run/$curve.txt $OUT/$(basename $run)_$curve.txt; fi
+    done
+  done
+done
 $PY -m pip install -q matplotlib 2>/dev/null || true  # for the figure only, not a dependency of the trainers
-$PY reproduce/plot.py $RUNS reproduce/results/fashion_mnist_knn.png $METHODS
+$PY reproduce/plot.py $RUNS $OUT/knn_curves.png $METHODS

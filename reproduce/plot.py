@@ -1,7 +1,7 @@
 """The reproduction's figure: per method, the k-NN top-1 (k 20) of the RoB student and of the plain student against
 training steps (mean and min-max band over the seeds, from each run's curve.txt), the teacher as a horizontal line.
 matplotlib is needed for this script only (pip install matplotlib), not by the trainers.
-    python reproduce/plot.py runs/fashion_mnist reproduce/results/fashion_mnist_knn.png dino ibot msn swav"""
+    python reproduce/plot.py runs/fashion_mnist reproduce/results/fashion_mnist/knn_curves.png dino ibot msn swav"""
 import json
 import sys
 from pathlib import Path

@@ -53,7 +53,7 @@ teacher() {  # $1 method: train, score the epochs, export
     [ -f $shipped ] || { echo "[teachers] $m failed (exit $rc): see $out.log"; return 1; }
   fi
   echo "[teachers] $m trained $(date -u +%H:%M)"
-  $PY reproduce/curve.py $out --key teacher --points $POINTS > $RUNS/${m}_curve.log 2>&1
+  $PY reproduce/curve.py $out --key teacher --points $POINTS --train_images 60000 > $RUNS/${m}_curve.log 2>&1
   $PY reproduce/export_teacher.py $shipped $ASSETS/fmnist_${m}_vit_nano.pth
   echo "[teachers] $m curve (epoch, k-NN of the backbone, k-NN of the targets):"
   cat $out/teacher_curve.txt
