@@ -654,6 +654,3 @@ def timm_call(arch, path):
     if arch.get("pooled_features"):
         call += "; then model.conv_head = model.act2 = torch.nn.Identity() for the trained 960-d pooled features"
     return call
-
-
-# ---------------------------------------------------------------------------------- training utilities

@@ -72,6 +72,18 @@ def knn(train, test):
     return round(eval_linear.knn_classifier(f_train, y_train, f_test, y_test, [20], 0.07, 10)[20][0], 2)
 
 
+def score_teacher_file(path, out, train_images):
+    """k-NN of a teacher file's backbone as its RoB student loads it, on the curves' memory (done once)."""
+    if out.exists():
+        return
+    method = common.load_file(path)["method"].removeprefix("rob_")
+    teacher = importlib.import_module(f"rob_{method}").load_teacher(str(path))
+    (x_train, y_train), (x_test, y_test) = images_and_labels(True, train_images), images_and_labels(False)
+    with torch.no_grad():
+        score = knn((features(teacher.backbone, x_train), y_train), (features(teacher.backbone, x_test), y_test))
+    out.write_text(json.dumps(dict(teacher=str(path), train_images=train_images, knn=score)) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="A run folder of a rob_<method>.py run with checkpointNNNN.pth files.")
@@ -82,8 +94,12 @@ def main():
                         "(default 10,000: a point costs a fifth of the full 60,000's; the table's k-NN uses all).")
     parser.add_argument("--steps_per_epoch", type=int, default=None, help="Recorded with each point (default: "
                         "read from the checkpoint).")
+    parser.add_argument("--teacher", default=None, help="Only score this teacher file (e.g. the shipped asset) with "
+                        "the same memory, into RUN/teacher_knn.txt: the curves' reference line.")
     args = parser.parse_args()
     run = Path(args.run)
+    if args.teacher:
+        return score_teacher_file(args.teacher, run / "teacher_knn.txt", args.train_images)
     paths = sorted(run.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
     if not paths:
         raise SystemExit(f"{run} holds no checkpointNNNN.pth (train with --saveckp_freq 1)")

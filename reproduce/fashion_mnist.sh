@@ -50,6 +50,7 @@ print('k-NN', r['knn']['20']['top1'], 'linear', r['linear']['top1'])" $out/eval_
 for m in $METHODS; do  # the teachers, as shipped
   if [[ " $MODES " == *" rob "* ]]; then
     mkdir -p $RUNS/${m}_teacher && evaluate assets/fmnist_${m}_vit_nano.pth $RUNS/${m}_teacher $m
+    $PY reproduce/curve.py $RUNS/${m}_teacher --teacher assets/fmnist_${m}_vit_nano.pth > /dev/null 2>&1 || true
   fi
 done
 for seed in $SEEDS; do

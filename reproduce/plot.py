@@ -38,15 +38,15 @@ def main():
             mean = [sum(c) / len(c) for c in columns]
             ax.plot(steps, mean, color=color, marker="o", markersize=3, label=f"{label} ({len(values)} seeds)")
             ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=color, alpha=0.2)
-        teacher = runs / f"{m}_teacher" / "eval_log.txt"
+        teacher = runs / f"{m}_teacher" / "teacher_knn.txt"  # the same k-NN memory as the curves (curve.py)
         if teacher.exists():
-            knn = json.loads(teacher.read_text().splitlines()[-1])["knn"]["20"]["top1"]
+            knn = json.loads(teacher.read_text())["knn"]
             ax.axhline(knn, color="black", linestyle="--", linewidth=1, label=f"teacher ({knn:.1f})")
         ax.set_title(f"RoB-{NAMES[m]} vs plain {NAMES[m]}")
         ax.set_xlabel("training steps (batch 128)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    axes[0][0].set_ylabel("k-NN top-1 (k 20), Fashion-MNIST test")
+    axes[0][0].set_ylabel("k-NN top-1 (k 20; memory: 10,000 train images)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
