@@ -22,6 +22,7 @@ def curves(runs, method, mode):
         per_seed.append(points)
     if not per_seed:
         return [], []
+    per_seed = [points for points in per_seed if len(points) == max(map(len, per_seed))]  # (unfinished curves)
     steps = sorted(set.intersection(*(set(s for s, _ in points) for points in per_seed)))
     return steps, [[dict(points)[s] for s in steps] for points in per_seed]
 
@@ -45,8 +46,8 @@ def main():
         ax.set_title(f"RoB-{NAMES[m]} vs plain {NAMES[m]}")
         ax.set_xlabel("training steps (batch 128)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    axes[0][0].set_ylabel("k-NN top-1 (k 20; memory: 10,000 train images)")
+        ax.legend(fontsize=7, loc="best")
+    axes[0][0].set_ylabel("k-NN top-1 (k 20, 10k memory)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -55,7 +55,11 @@ def main():
             times = [training_time(f.parent) for f in folders]
             rows.append(f"| {m} | {'RoB' if mode == 'rob' else 'plain'} student (vit_pico) | {len(folders)} | "
                         f"{cells[0]} | {cells[1]} | {low} | {times[0] or ''} |")
-        if len(summary) == 2:
+        seeds = {mode: len(list(runs.glob(f"{m}_{mode}_s*/eval_log.txt"))) for mode in ("rob", "plain")}
+        if len(summary) == 2 and min(seeds.values()) < 2:
+            verdicts.append(f"- {m}: not decided, a std needs 2 seeds per student or more (RoB {seeds['rob']}, "
+                            f"plain {seeds['plain']})")
+        elif len(summary) == 2:
             for k in ("knn", "linear"):
                 (a, sa), (b, sb) = summary["rob"][k], summary["plain"][k]
                 verdicts.append(f"- {m} {k}: RoB - plain = {a - b:+.2f}, twice the larger std {2 * max(sa, sb):.2f}: "
