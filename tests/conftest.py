@@ -68,11 +68,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a Fashion-MNIST training run of minutes (make test-slow)")
 
 
+def pytest_collection_modifyitems(items):
+    """The minutes-long Fashion-MNIST runs first: under `pytest -n 2` (make test) the other worker takes the short
+    tests meanwhile, instead of the long run starting last and alone."""
+    items.sort(key=lambda item: "fashion_mnist_run" not in item.name and item.get_closest_marker("slow") is None)
+
+
 def rob_knn_gain(script, teacher, out, extra=()):
     """k-NN top-1 of a random vit_pico, and of the same after a short RoB run of `script` from `teacher`."""
     before = fashion_mnist_knn(random_init_checkpoint(out.parent / "init.pth"))
+    threads = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"  # under `pytest -n 2` the other worker is busy
     run_script([script, "--teacher", teacher, *FMNIST_RUN, *extra, "--output_dir", out], timeout=1800,
-               env={"OMP_NUM_THREADS": "2"})
+               env={"OMP_NUM_THREADS": threads})
     after = fashion_mnist_knn(out / "checkpoint.pth")
     print(f"{script} from {Path(teacher).name}: k-NN top-1 {before:.2f} at random init, {after:.2f} after the run")
     return before, after

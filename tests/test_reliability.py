@@ -269,6 +269,9 @@ def test_a_stopped_run_exits_with_128_plus_the_signal(tmp_path, small_folder):
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in output
 
 
+DEBUG_CHECKED = set()
+
+
 @pytest.mark.parametrize("script,extra,message", [
     ("rob_dino.py", ["--lr", "-1"], "--lr -1.0: must be >= 0"),
     ("rob_dino.py", ["--epochs", "0"], "--epochs 0: must be > 0"),
@@ -290,8 +293,10 @@ def test_user_errors_are_one_line_exit_2_and_leave_no_folder(tmp_path, script, e
     errors = [line for line in result.stderr.splitlines() if "error:" in line]  # (warnings may precede it)
     assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
     assert not out.exists()
-    debug = run_script([script, "--output_dir", out, *extra], check=False, env={"ROB_DEBUG": "1"})
-    assert "Traceback" in debug.stderr  # the opt-in shows where it came from
+    if script not in DEBUG_CHECKED:  # the opt-in shows where it came from (once per script: a start costs 4 s)
+        DEBUG_CHECKED.add(script)
+        debug = run_script([script, "--output_dir", out, *extra], check=False, env={"ROB_DEBUG": "1"})
+        assert "Traceback" in debug.stderr
 
 
 def test_unwritable_output_dirs_fail_before_any_work(tmp_path, small_folder):
