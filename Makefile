@@ -14,11 +14,11 @@ test: install  ## the test suite, two tests at a time (one thread each): 7.5 min
 	$(PYTHON) -m pip install -q pytest pytest-xdist
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest tests -q -m "not slow" -n 2
 
-test-slow: install  ## the Fashion-MNIST training runs per method (a few minutes each on 2 CPU cores)
+test-slow: install  ## the Fashion-MNIST training runs per method (18 minutes on 2 CPU cores)
 	$(PYTHON) -m pip install -q pytest pytest-xdist
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest tests -q -m slow -n 2
 
-demo: install  ## RoB-DINO vs plain DINO on Fashion-MNIST from the shipped teacher, evaluated (CPU, < 10 minutes)
+demo: install  ## RoB-DINO vs plain DINO on Fashion-MNIST from the shipped teacher, evaluated (CPU, about 8 minutes)
 	bash reproduce/demo.sh
 
 teachers:  ## train the four Fashion-MNIST teachers again into assets/ (hours on 2 CPU cores, minutes on a GPU)
