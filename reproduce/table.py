@@ -42,20 +42,19 @@ def main():
         low = " / ".join(f"{teacher[k]:.1f}" for k in LOW_SHOT) if "1_percent" in teacher else ""
         rows.append(f"| {m} | teacher (vit_nano) | 1 | {teacher['knn']:.1f} | {teacher['linear']:.1f} | {low} "
                     f"| {training_time(runs / f'{m}_teacher') or ''} |")
-        summary = {}
+        summary, seeds = {}, {}
         for mode in ("rob", "plain"):
             folders = sorted(runs.glob(f"{m}_{mode}_s*/eval_log.txt"))
             if not folders:
                 continue
-            per_seed = [scores(f.parent) for f in folders]
+            per_seed, seeds[mode] = [scores(f.parent) for f in folders], len(folders)
             summary[mode] = {k: mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
             cells = [f"{summary[mode][k][0]:.1f} ± {summary[mode][k][1]:.1f}" for k in ("knn", "linear")]
             low = " / ".join(f"{summary[mode][k][0]:.1f} ± {summary[mode][k][1]:.1f}" for k in LOW_SHOT) \
                 if "1_percent" in summary[mode] else ""
             times = [training_time(f.parent) for f in folders]
-            rows.append(f"| {m} | {'RoB' if mode == 'rob' else 'plain'} student (vit_pico) | {len(folders)} | "
+            rows.append(f"| {m} | {'RoB' if mode == 'rob' else 'plain'} student (vit_pico) | {seeds[mode]} | "
                         f"{cells[0]} | {cells[1]} | {low} | {times[0] or ''} |")
-        seeds = {mode: len(list(runs.glob(f"{m}_{mode}_s*/eval_log.txt"))) for mode in ("rob", "plain")}
         if len(summary) == 2 and min(seeds.values()) < 2:
             verdicts.append(f"- {m}: not decided, a std needs 2 seeds per student or more (RoB {seeds['rob']}, "
                             f"plain {seeds['plain']})")
