@@ -6,6 +6,8 @@
 #   EPOCHS="ibot=14 msn=18 swav=5" UNTIL="ibot=6 msn=10" JOBS=2 bash reproduce/train_teachers.sh ibot msn swav
 # and the DINO teacher (8 epochs, teacher temperature 0.04 throughout, see below):
 #   bash reproduce/train_teachers.sh dino
+# An iBOT teacher at 0.04 throughout was tried and is not shipped: its students came out weaker (README):
+#   EPOCHS="ibot=6" UNTIL="ibot=6" EXTRA="--teacher_temp 0.04 --teacher_patch_temp 0.04" bash reproduce/train_teachers.sh ibot
 # EPOCHS: the schedule's length (one number for all, or method=epochs pairs). UNTIL: method=epoch pairs that stop
 # a teacher early (a SIGTERM once that epoch's checkpoint exists) and ship that epoch: its schedules (lr, wd,
 # EMA momentum) are still those of EPOCHS. JOBS: runs side by side (on a CPU: one thread each). POINTS: epochs
