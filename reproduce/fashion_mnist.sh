@@ -67,7 +67,8 @@ $PY reproduce/table.py $RUNS $METHODS | tee $RUNS/table.md
 OUT=reproduce/results/fashion_mnist; mkdir -p $OUT  # what the README shows: the table, every run's scores, curves
 cp $RUNS/table.md $OUT/
 for m in $METHODS; do
-  for run in $RUNS/${m}_teacher $RUNS/${m}_rob_s* $RUNS/${m}_plain_s*; do
+  for run in $RUNS/${m}_teacher/ $RUNS/${m}_rob_s*/ $RUNS/${m}_plain_s*/; do  # the run folders, not their logs
+    run=${run%/}
     tail -1 $run/eval_log.txt > $OUT/$(basename $run)_eval.json
     for curve in curve teacher_curve; do
       if [ -f $run/$curve.txt ]; then cp $run/$curve.txt $OUT/$(basename $run)_$curve.txt; fi
