@@ -62,12 +62,17 @@ student() {  # $1 method, $2 rob|plain, $3 seed
 print('k-NN', r['knn']['20']['top1'], 'linear', r['linear']['top1'])" $out/eval_log.txt)"
 }
 
-for m in $METHODS; do  # the teachers, as shipped
-  if [[ " $MODES " == *" rob "* ]]; then
-    mkdir -p $RUNS/${m}_teacher && evaluate assets/fmnist_${m}_vit_nano.pth $RUNS/${m}_teacher $m
-    $PY reproduce/curve.py $RUNS/${m}_teacher --teacher assets/fmnist_${m}_vit_nano.pth > /dev/null 2>&1 || true
-  fi
-done
+teacher() {  # $1 method: the shipped teacher's scores and its line on the figure
+  mkdir -p $RUNS/$1_teacher && evaluate assets/fmnist_$1_vit_nano.pth $RUNS/$1_teacher $1
+  $PY reproduce/curve.py $RUNS/$1_teacher --teacher assets/fmnist_$1_vit_nano.pth > /dev/null 2>&1 || true
+}
+
+if [[ " $MODES " == *" rob "* ]]; then
+  for m in $METHODS; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+    teacher $m &
+  done
+fi
 for seed in $SEEDS; do
   for m in $METHODS; do
     for mode in $MODES; do
@@ -85,7 +90,7 @@ for m in $METHODS; do
   for run in $RUNS/${m}_teacher/ $RUNS/${m}_rob_s*/ $RUNS/${m}_plain_s*/; do  # the run folders, not their logs
     run=${run%/}
     tail -1 $run/eval_log.txt > $OUT/$(basename $run)_eval.json
-    for curve in curve teacher_curve; do
+    for curve in curve teacher_curve teacher_knn; do  # teacher_knn: the figure's teacher line
       if [ -f $run/$curve.txt ]; then cp $run/$curve.txt $OUT/$(basename $run)_$curve.txt; fi
     done
   done
