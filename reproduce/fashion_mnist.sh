@@ -9,8 +9,8 @@
 #   bash reproduce/fashion_mnist.sh [dino ibot msn swav]      RUNS, SEEDS, EPOCHS, JOBS (runs side by side), MODES
 # (default "rob plain"; MODES=plain trains the baselines alone, e.g. while the teachers are still training).
 # EPOCHS: one number for all methods or method=epochs pairs. Default: iBOT and MSN 600 steps, where their plain
-# students' k-NN curves level off (at 300 they still rise 1-2 points per 100 steps); DINO and SwAV 300 steps (the
-# plain DINO student still rises slowly there, the plain SwAV one falls; 600 steps not measured for them).
+# students' k-NN curves level off (between 300 and 400 they still rise); DINO and SwAV 300 steps (the plain DINO
+# student still rises slowly there; the plain SwAV one does not train at this scale, at 300 or 600 steps: README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/fashion_mnist}; SEEDS=${SEEDS:-0 1 2}; EPOCHS=${EPOCHS:-"dino=3 ibot=6 msn=6 swav=3"}
