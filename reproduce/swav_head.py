@@ -1,0 +1,45 @@
+"""Where a SwAV student's embeddings sit relative to its prototypes (README "Students", SwAV): on the first 512
+test images, the student's L2-normalised embeddings z, their prototype scores' spread, the entropy of the
+predictions softmax(scores / 0.1), and |cos(z, v_min)| with v_min the direction the prototypes are least aligned
+with (the last right-singular vector of the prototype matrix). A collapsed plain-SwAV run shows |cos| ~1 and
+scores ~0: every prediction uniform (loss log K), no gradient left.
+    python reproduce/swav_head.py runs/fashion_mnist/swav_plain_s0 runs/fashion_mnist/swav_rob_s0"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import eval_linear  # noqa: E402
+
+
+def main():
+    test = eval_linear.build_split("fashion-mnist", False, common.eval_transform(28, resize=28), 28)
+    images = torch.stack([test[i][0] for i in range(512)])
+    for run in sys.argv[1:]:
+        path = str(Path(run) / "checkpoint.pth")
+        weights = torch.load(path, map_location="cpu", weights_only=False)["student"]
+        if "head.projection_head.1.weight" in weights:
+            sys.exit(f"{run}: a projection head with BatchNorm (ResNet students) is not handled here")
+        backbone = eval_linear.load_backbone(path, checkpoint_key="student", img_size=28)
+        backbone = backbone[0] if isinstance(backbone, tuple) else backbone
+        with torch.no_grad():
+            features = eval_linear.backbone_features(backbone, images, 1, False)
+            hidden = F.relu(F.linear(features, weights["head.projection_head.0.weight"],
+                                     weights["head.projection_head.0.bias"]))
+            z = F.normalize(F.linear(hidden, weights["head.projection_head.3.weight"],
+                                     weights["head.projection_head.3.bias"]), dim=-1)
+            prototypes = weights["head.prototypes.weight"].float()
+            scores = z @ prototypes.t()
+            p = F.softmax(scores / 0.1, dim=-1)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+            singular, v = torch.linalg.svd(prototypes, full_matrices=False)[1:]
+        print(f"{run}: score std over prototypes {scores.std(-1).mean():.4f}, prediction entropy {entropy:.3f} "
+              f"(log K {torch.tensor(float(len(prototypes))).log():.3f}), smallest singular value of the prototypes "
+              f"{singular[-1]:.3f} (largest {singular[0]:.2f}), |cos(z, v_min)| {(z @ v[-1]).abs().mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
