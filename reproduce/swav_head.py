@@ -23,8 +23,7 @@ def main():
         weights = torch.load(path, map_location="cpu", weights_only=False)["student"]
         if "head.projection_head.1.weight" in weights:
             sys.exit(f"{run}: a projection head with BatchNorm (ResNet students) is not handled here")
-        backbone = eval_linear.load_backbone(path, checkpoint_key="student", img_size=28)
-        backbone = backbone[0] if isinstance(backbone, tuple) else backbone
+        backbone, _ = eval_linear.load_backbone(path, checkpoint_key="student", img_size=28)
         with torch.no_grad():
             features = eval_linear.backbone_features(backbone, images, 1, False)
             hidden = F.relu(F.linear(features, weights["head.projection_head.0.weight"],
