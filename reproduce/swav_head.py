@@ -13,6 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import eval_linear  # noqa: E402
+import rob_swav  # noqa: E402
 
 
 def main():
@@ -21,17 +22,13 @@ def main():
     for run in sys.argv[1:]:
         path = str(Path(run) / "checkpoint.pth")
         weights = torch.load(path, map_location="cpu", weights_only=False)["student"]
-        if "head.projection_head.1.weight" in weights:
-            sys.exit(f"{run}: a projection head with BatchNorm (ResNet students) is not handled here")
+        head_weights = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
+        head = rob_swav.head_from_state_dict(head_weights)
+        head.load_state_dict(head_weights)
         backbone, _ = eval_linear.load_backbone(path, checkpoint_key="student", img_size=28)
         with torch.no_grad():
-            features = eval_linear.backbone_features(backbone, images, 1, False)
-            hidden = F.relu(F.linear(features, weights["head.projection_head.0.weight"],
-                                     weights["head.projection_head.0.bias"]))
-            z = F.normalize(F.linear(hidden, weights["head.projection_head.3.weight"],
-                                     weights["head.projection_head.3.bias"]), dim=-1)
-            prototypes = weights["head.prototypes.weight"].float()
-            scores = z @ prototypes.t()
+            z, scores = head.eval()(eval_linear.backbone_features(backbone, images, 1, False))
+            prototypes = head.prototypes.weight.float()
             p = F.softmax(scores / 0.1, dim=-1)
             entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
             singular, v = torch.linalg.svd(prototypes, full_matrices=False)[1:]
