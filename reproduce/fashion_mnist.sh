@@ -25,11 +25,10 @@ STUDENT="--student vit_pico --data_path fashion-mnist --gpu_augment --num_worker
 declare -A HEAD=(  # the students' heads, the same widths in both modes
   [dino]="--hidden_dim 512 --bottleneck_dim 128" [ibot]="--hidden_dim 512 --bottleneck_dim 128"
   [msn]="--hidden_dim 512" [swav]="--hidden_mlp 512 --optimizer adamw")
-# the plain method's own second branch, its schedules scaled to the budget as the teachers' (train_teachers.sh):
-# the teacher temperature's warm-up takes 30 % of the epochs, at least one
+# the plain method's own second branch, its schedules scaled to the budget as the teachers' (train_teachers.sh)
 declare -A PLAIN=(
-  [dino]="--teacher ema --out_dim 4096 --warmup_teacher_temp_epochs"
-  [ibot]="--teacher ema --out_dim 4096 --patch_out_dim 4096 --warmup_teacher_temp_epochs"
+  [dino]="--teacher ema --out_dim 4096"
+  [ibot]="--teacher ema --out_dim 4096 --patch_out_dim 4096"
   [msn]="--teacher ema --out_dim 1024 --bottleneck_dim 128"
   [swav]="--teacher self --feat_dim 128 --nmb_prototypes 1000")
 mkdir -p $RUNS
@@ -50,9 +49,10 @@ evaluate() {  # $1 checkpoint, $2 output folder, $3 method, then eval_linear fla
 student() {  # $1 method, $2 rob|plain, $3 seed
   local m=$1 mode=$2 seed=$3 out=$RUNS/$1_$2_s$3
   local e; e=$(epochs_of $m)
-  local branch="--teacher assets/fmnist_${m}_vit_nano.pth" warm=$(( e * 3 / 10 > 1 ? e * 3 / 10 : 1 ))
-  if [ $mode = plain ]; then
-    branch=${PLAIN[$m]}; [[ $branch == *--warmup_teacher_temp_epochs ]] && branch="$branch $warm"
+  local branch="--teacher assets/fmnist_${m}_vit_nano.pth"
+  if [ $mode = plain ]; then  # DINO's and iBOT's teacher-temperature warm-up: 30 % of the epochs, at least one
+    branch=${PLAIN[$m]}
+    [[ $m == dino || $m == ibot ]] && branch+=" --warmup_teacher_temp_epochs $(( e * 3 / 10 > 1 ? e * 3 / 10 : 1 ))"
   fi
   $PY rob_$m.py $STUDENT --epochs $e ${HEAD[$m]} $branch --seed $seed --output_dir $out > $out.log 2>&1 \
     || { echo "[reproduce] $out failed: see $out.log"; return 1; }
