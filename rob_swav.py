@@ -333,6 +333,17 @@ def own_codes(run, student_embeddings, student_scores, batch):
     return student_embeddings[:n_codes].detach(), student_scores[:n_codes].detach(), run.student.head.prototypes.weight
 
 
+def collapse_warning(mean_loss, n_prototypes, epsilon):
+    """Plain SwAV's failure at small scale: the embeddings settle where every prototype scores them alike, codes
+    and predictions go uniform and the loss sits at ln K with no gradient left. The official SwAV README's first
+    remedy is sharper codes (a lower epsilon). Returns the message for an epoch's mean loss, or None."""
+    if abs(mean_loss - math.log(n_prototypes)) > 0.015:
+        return None
+    return (f"the epoch's mean loss {mean_loss:.4f} sits at ln {n_prototypes} = {math.log(n_prototypes):.4f}: plain "
+            f"SwAV has collapsed (uniform codes, no gradient). Restart with a lower --epsilon (now {epsilon:g}, e.g. "
+            f"{epsilon * 0.6:.2g}).")
+
+
 # ------------------------------------------------------------------------------------------------ training
 def build(args, device, iters_per_epoch, student, arch, teacher=None):
     """Everything a training step needs, as one namespace: the student (and its DDP wrapper), the frozen teacher
@@ -435,6 +446,11 @@ def train_one_epoch(run, data, epoch, step, stop):
                 break
     done = stats.flush()
     stopping = stopping or (done is not None and done[1])
+    if run.teacher is None and epoch * run.iters_per_epoch >= run.freeze_prototypes and stats.epoch_values:
+        warning = collapse_warning(stats.means()["train_loss"], run.student.head.prototypes.weight.shape[0],
+                                   run.epsilon)
+        if warning:
+            common.log(f"warning: {warning}")
     training.check_state([run.student], run.optimizer, probe=lambda: run.student(crops)[1])
     training.save_run(run, data, step, stats, time.time() - start,
                       {"queue": run.queue.state_dict()} if run.queue is not None else {})

@@ -3,6 +3,7 @@
 teacher, exact resume."""
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -287,6 +288,24 @@ def test_own_prototypes_are_frozen_first_then_trained_on_the_unit_sphere(tmp_pat
         torch.testing.assert_close(prototypes[name].norm(dim=1), torch.ones(30), atol=1e-6, rtol=0)
     assert torch.equal(prototypes["frozen"], prototypes["init"])
     assert (prototypes["trained"] - prototypes["init"]).abs().max() > 1e-6  # LARS: steps of lr * 0.001 * ||w||
+
+
+def test_collapse_warning_at_ln_k_names_the_fix():
+    k = 1000  # the collapsed Fashion-MNIST runs logged 6.90776-6.91957, ln 1000 = 6.90776
+    for loss in (6.90776, 6.90787, 6.91957, 6.895):
+        assert "--epsilon (now 0.05, e.g. 0.03)" in rob_swav.collapse_warning(loss, k, 0.05)
+    for loss in (6.37, 6.87377, 6.93598):  # a learning run's epochs (epsilon 0.03), and one above ln K
+        assert rob_swav.collapse_warning(loss, k, 0.05) is None
+    assert rob_swav.collapse_warning(math.log(100), 100, 0.03) is not None
+
+
+def test_plain_run_warns_when_its_loss_sits_at_ln_k(tmp_path, small_folder, capsys):
+    """A student temperature so high that every prediction is uniform: the loss is ln K whatever the codes."""
+    plain = ["--teacher", "self", "--nmb_prototypes", "30", "--feat_dim", "8", "--hidden_mlp", "32",
+             "--student_temp", "1e4", "--freeze_prototypes_niters", "0"]
+    run_in_process(TINY_RUN + plain + ["--data_path", small_folder, "--batch_size_per_gpu", "4", "--epochs", "1",
+                                       "--output_dir", tmp_path])
+    assert f"sits at ln 30 = {math.log(30):.4f}: plain SwAV has collapsed" in capsys.readouterr().out
 
 
 def test_baseline_checkpoint_teaches_a_rob_student(tmp_path, small_folder):
