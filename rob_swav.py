@@ -341,7 +341,7 @@ def collapse_warning(mean_loss, n_prototypes, epsilon):
         return None
     return (f"the epoch's mean loss {mean_loss:.4f} sits at ln {n_prototypes} = {math.log(n_prototypes):.4f}: plain "
             f"SwAV has collapsed (uniform codes, no gradient). Restart with a lower --epsilon (now {epsilon:g}, e.g. "
-            f"{epsilon * 0.6:.2g}).")
+            f"{max(epsilon * 0.6, 0.025):.2g}; below ~0.025 fp32 can underflow).")
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -293,10 +293,10 @@ def test_own_prototypes_are_frozen_first_then_trained_on_the_unit_sphere(tmp_pat
 def test_collapse_warning_at_ln_k_names_the_fix():
     k = 1000  # the collapsed Fashion-MNIST runs logged 6.90776-6.91957, ln 1000 = 6.90776
     for loss in (6.90776, 6.90787, 6.91957, 6.895):
-        assert "--epsilon (now 0.05, e.g. 0.03)" in rob_swav.collapse_warning(loss, k, 0.05)
+        assert "--epsilon (now 0.05, e.g. 0.03;" in rob_swav.collapse_warning(loss, k, 0.05)
     for loss in (6.37, 6.87377, 6.93598):  # a learning run's epochs (epsilon 0.03), and one above ln K
         assert rob_swav.collapse_warning(loss, k, 0.05) is None
-    assert rob_swav.collapse_warning(math.log(100), 100, 0.03) is not None
+    assert "(now 0.03, e.g. 0.025;" in rob_swav.collapse_warning(math.log(100), 100, 0.03)  # not into underflow
 
 
 def test_plain_run_warns_when_its_loss_sits_at_ln_k(tmp_path, small_folder, capsys):
