@@ -10,13 +10,14 @@
 #   EPOCHS="ibot=6" UNTIL="ibot=6" EXTRA="--teacher_temp 0.04 --teacher_patch_temp 0.04" bash reproduce/train_teachers.sh ibot
 # EPOCHS: the schedule's length (one number for all, or method=epochs pairs). UNTIL: method=epoch pairs that stop
 # a teacher early (a SIGTERM once that epoch's checkpoint exists) and ship that epoch: its schedules (lr, wd,
-# EMA momentum) are still those of EPOCHS. JOBS: runs side by side (on a CPU: one thread each). POINTS: epochs
-# scored for the curve (0: all). Runs resume if interrupted (same command). RUNS (default runs/fashion_mnist)
-# holds them; ASSETS (default assets) receives the teachers; EXTRA adds flags to every training run.
+# EMA momentum) are still those of EPOCHS; UNTIL="" trains every teacher to the end of its schedule. JOBS: runs
+# side by side (on a CPU: one thread each). POINTS: epochs scored for the curve (0: all). Runs resume if
+# interrupted (same command). RUNS (default runs/fashion_mnist) holds them; ASSETS (default assets) receives the
+# teachers; EXTRA adds flags to every training run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/fashion_mnist}; ASSETS=${ASSETS:-assets}; PY=${PYTHON:-python3}; JOBS=${JOBS:-4}
-METHODS=${*:-ibot msn dino swav}; EPOCHS=${EPOCHS:-"ibot=14 msn=18 dino=8 swav=5"}; UNTIL=${UNTIL:-"ibot=6 msn=10"}
+METHODS=${*:-ibot msn dino swav}; EPOCHS=${EPOCHS:-"ibot=14 msn=18 dino=8 swav=5"}; UNTIL=${UNTIL-"ibot=6 msn=10"}
 POINTS=${POINTS:-0}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || export OMP_NUM_THREADS=1
@@ -31,9 +32,9 @@ declare -A HEAD=(  # heads sized for a 128-wide backbone
   [msn]="--out_dim 1024 --hidden_dim 512 --bottleneck_dim 128"
   [swav]="--hidden_mlp 512 --feat_dim 128 --nmb_prototypes 1000 --optimizer adamw")
 
-value_of() {  # $1 "method=n ..." or "n", $2 method, $3 default -> that method's n
+value_of() {  # $1 "method=n ...", "n" or "" (none), $2 method, $3 default -> that method's n
   local v=$3 pair
-  [[ $1 == *=* ]] || v=$1
+  [[ -z $1 || $1 == *=* ]] || v=$1
   for pair in $1; do [ "${pair%%=*}" = "$2" ] && v=${pair#*=}; done
   echo "$v"
 }
