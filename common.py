@@ -1,25 +1,26 @@
-"""What no method owns, shared by rob_dino.py, rob_ibot.py, rob_msn.py, rob_swav.py and eval_linear.py:
-distributed set-up, data (datasets, the multi-crop augmentation, the resumable loader), model builders and
-checkpoint I/O, with the errors a user can fix. A method's head, loss, pairing, schedules and training step live
-in that method's file; the run machinery of the training loops in training.py; --gpu_augment's batched
-augmentation in gpu_augment.py."""
+"""What rob_dino.py, rob_ibot.py, rob_msn.py, rob_swav.py and eval_linear.py share, and nothing of a run: data
+(datasets, the multi-crop augmentation per image and batched on the device, the resumable sampler and loader) and
+models (students, teacher backbones, official releases and checkpoints loaded or refused, the timm export, placing a
+network for training), plus the error type a user can fix, the process group and a stable seed mixer. Importing it
+changes nothing in the host program."""
 import argparse
-import atexit
 import errno
 import gzip
 import hashlib
 import io
+import itertools
 import math
-import multiprocessing
 import os
 import random
 import signal
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import timm
 import torch
 import torch.distributed as dist
+import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
@@ -30,7 +31,6 @@ from torchvision.transforms import v2 as T
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-# ------------------------------------------------------------------------------------------------- errors
 class UserError(ValueError):
     """Something the user controls is wrong (a flag, a path, a file): reported as one line that names the fix."""
 
@@ -43,20 +43,17 @@ class UnreadableFileError(UserError, RuntimeError):
     pass
 
 
-# ------------------------------------------------------------------------------------------- distributed
 def init_distributed():
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR set, one or
-    many nodes), else run as a single process. NCCL on GPU, gloo on CPU. Returns (rank, world_size, device)."""
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs); returns the device."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return torch.device("cuda" if cuda else "cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-    return rank, world_size, device
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
 
 
 def get_rank():
@@ -67,23 +64,22 @@ def get_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_main_process():
-    return get_rank() == 0
-
-
 def log(*args):
-    """print() on rank 0 only (the other ranks stay quiet without touching builtins.print)."""
-    if is_main_process():
+    """print() on rank 0 only."""
+    if get_rank() == 0:
         print(*args, flush=True)
 
 
-def all_reduce_mean(tensor):
-    """Mean of a tensor over all processes (identity in a single process)."""
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    """In-place all-reduce over the processes (nothing in one process); returns the tensor."""
     if dist.is_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
+        dist.all_reduce(tensor, op)
     return tensor
+
+
+def all_reduce_mean(tensor):
+    """Mean of a tensor over the processes (the tensor itself in one process)."""
+    return all_reduce(tensor.clone()) / dist.get_world_size() if dist.is_initialized() else tensor
 
 
 def mix_seed(*keys):
@@ -92,13 +88,7 @@ def mix_seed(*keys):
     return int.from_bytes(digest, "little") >> 1
 
 
-def seed_everything(seed):
-    """Seed torch (CPU and CUDA) and Python's random module."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-
-
-# ------------------------------------------------------------------------------------------------- data
+# ======================================================================================================== data
 class RandomGaussianBlur:
     """PIL Gaussian blur with a radius drawn uniformly in `radius`, applied with probability p (torch RNG)."""
 
@@ -112,11 +102,9 @@ class RandomGaussianBlur:
 
 
 class MultiCropAugmentation:
-    """Multi-crop augmentation (DINO, iBOT, MSN and SwAV recipes): `global_crops_number` large crops and
-    `local_crops_number` small ones of one image, each with random-resized crop, flip, colour jitter,
-    grayscale, Gaussian blur and solarisation. Blur and solarise probabilities are given per crop kind as
-    (first global, other globals, locals). Returns a list of normalised float tensors, globals first.
-    `batch()` is the same on a batch of images at once (gpu_augment.py)."""
+    """Multi-crop augmentation: global and local crops of one image, each with random-resized crop, flip, colour
+    jitter, grayscale, blur and solarisation (probabilities per crop kind: first global, other globals, locals).
+    Called on a PIL image: the normalised crops, globals first; batch(): the same on a batch on its device."""
 
     def __init__(self, global_crops_size=224, local_crops_size=96, global_crops_number=2, local_crops_number=8,
                  global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), color_jitter=(0.4, 0.4, 0.2, 0.1),
@@ -153,8 +141,132 @@ class MultiCropAugmentation:
                 + [self.local_transform(img) for _ in range(self.local_crops_number)])
 
     def batch(self, images, generator=None):
-        import gpu_augment
-        return gpu_augment.multi_crop(self, images, generator)
+        """--gpu_augment: the crops of uint8 images ([B, C, H, W] or a list of [C, H_i, W_i]) on their device, the
+    parameters drawn from the per-image path's distributions, crops resized with roi_align (area-averaged)."""
+        sizes = torch.tensor([(img.shape[-2], img.shape[-1]) for img in images], dtype=torch.float64)
+        first_or_other = [min(i, 1) for i in range(self.global_crops_number)]  # crop kinds: see color_augment
+        kinds = [(self.global_crops_size, self.global_crops_scale, first_or_other),
+                 (self.local_crops_size, self.local_crops_scale, [2] * self.local_crops_number)]
+        crops = []
+        for size, scale, kind in kinds:
+            n = len(kind)
+            if n == 0:
+                continue
+            boxes = random_resized_crop_boxes(sizes.repeat_interleave(n, 0), scale, generator)  # image-major
+            x = crop_and_resize(images, boxes, n, size)
+            x = x.unflatten(0, (len(images), n)).transpose(0, 1).flatten(0, 1)  # crop-major: crop k of image b at k*B+b
+            x = color_augment(x, self, torch.tensor(kind).repeat_interleave(len(images)), generator)
+            crops += list(x.chunk(n))
+        return crops
+
+
+def _uniform(n, low, high, generator):
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def random_resized_crop_boxes(sizes, scale, generator=None, ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision's RandomResizedCrop parameters, vectorised over images of `sizes` [N, 2] (height, width): the first
+    of 10 draws that fits, else a centre crop. Returns boxes [N, 4], (x1, y1, x2, y2) pixel edges."""
+    n, (height, width) = len(sizes), sizes.unbind(1)
+    area = (height * width)[:, None] * _uniform((n, attempts), *scale, generator)
+    aspect = torch.exp(_uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), generator))
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = fits.double().argmax(1, keepdim=True)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    in_ratio = width / height  # fallback: the whole image, clipped to the extreme aspect ratio
+    fb_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fb_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    w, h = torch.where(found, w, fb_w), torch.where(found, h, fb_h)
+    top = torch.where(found, torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * (height - h + 1)),
+                      torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * (width - w + 1)),
+                       torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([left, top, left + w, top + h], 1)
+
+
+def crop_and_resize(images, boxes, n, size):
+    """Cut n boxes per image ([B * n, 4], image-major) out of uint8 images, resized to size x size by roi_align."""
+    from torchvision.ops import roi_align
+    device = images[0].device
+    if isinstance(images, torch.Tensor):  # same-sized images: one call
+        rois = torch.cat([torch.arange(len(images)).repeat_interleave(n)[:, None].double(), boxes], 1)
+        x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
+        return roi_align(x, to_device(rois.float(), device), size, aligned=True) / 255
+    rois = to_device(torch.cat([torch.zeros(len(boxes), 1, dtype=torch.float64), boxes], 1).float(), device)
+    out = torch.empty(len(boxes), 3, size, size, device=device)
+    for b, img in enumerate(images):  # images of varied sizes (decoded JPEGs): one call per image, n crops each
+        out[b * n:(b + 1) * n] = roi_align(img.float().expand(3, -1, -1)[None], rois[b * n:(b + 1) * n], size,
+                                           aligned=True)
+    return out / 255
+
+
+def _gray(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+
+
+def _shift_hue(x, shift):
+    """Rotate the hue of RGB images x [N, 3, H, W] in [0, 1] by shift [N] (fractions of a turn), via HSV."""
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    r, g, b = ((maxc[:, None] - x) / safe[:, None]).unbind(1)
+    hue = torch.where(maxc == x[:, 0], b - g, torch.where(maxc == x[:, 1], 2 + r - b, 4 + g - r))
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    hue = (hue + shift[:, None, None]) % 1.0
+    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    h6 = hue * 6
+    sector, frac = torch.floor(h6), h6 - torch.floor(h6)
+    p, q, t = maxc * (1 - sat), maxc * (1 - sat * frac), maxc * (1 - sat * (1 - frac))
+    sector = sector.long() % 6
+    table = torch.stack([torch.stack(c, 1) for c in [(maxc, t, p), (q, maxc, p), (p, maxc, t), (p, q, maxc),
+                                                      (t, p, maxc), (maxc, p, q)]], 1)  # [N, 6, 3, H, W]
+    return table.gather(1, sector[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+
+
+def _blur(x, sigma):
+    """Separable Gaussian blur with a per-image standard deviation sigma [N] (pixels), 13 taps, reflect pad."""
+    n, c, h, w = x.shape
+    taps = torch.arange(-6, 7, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [N * C, 13]
+    y = x.reshape(1, n * c, h, w)
+    y = F.conv2d(F.pad(y, (6, 6, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n * c)  # along the width
+    y = F.conv2d(F.pad(y, (0, 0, 6, 6), mode="reflect"), kernel[:, None, :, None], groups=n * c)  # along the height
+    return y.reshape(n, c, h, w)
+
+
+def color_augment(x, aug, kind, generator=None):
+    """Flip, colour jitter (in a random order per image), grayscale, blur, solarise with `aug`'s parameters, then
+    normalise; x [N, 3, S, S] in [0, 1], kind [N]: 0 first global crop, 1 other globals, 2 locals."""
+    n, dev = len(x), x.device
+    b, c, s, h = aug.color_jitter
+    u = torch.rand(n, 13, generator=generator, dtype=torch.float64)
+    factors = torch.stack([1 - b + 2 * b * u[:, 0], 1 - c + 2 * c * u[:, 1], 1 - s + 2 * s * u[:, 2],
+                           h * (2 * u[:, 3] - 1), 0.1 + 1.9 * u[:, 4]], 1)  # brightness contrast saturation hue sigma
+    factors = to_device(factors.to(x.dtype), dev)
+    order = torch.argsort(u[:, 5:9], dim=1)  # a random permutation of the four colour adjustments per image
+    jitter = u[:, 9] < aug.color_jitter_p
+    blur_p, solarize_p = (torch.tensor(p, dtype=torch.float64)[kind] for p in (aug.blur_p, aug.solarize_p))
+
+    def apply(mask, fn):  # x[mask] = fn(x[mask], that subset's factors)
+        rows = to_device(mask.nonzero()[:, 0], dev)
+        if len(rows):
+            x[rows] = fn(x[rows], factors[rows][:, :, None, None, None])
+
+    apply(torch.rand(n, generator=generator) < 0.5, lambda y, f: y.flip(-1))
+    adjustments = [lambda y, f: (y * f[:, 0]).clamp(0, 1),
+                   lambda y, f: (f[:, 1] * y + (1 - f[:, 1]) * _gray(y).mean((2, 3), keepdim=True)).clamp(0, 1),
+                   lambda y, f: (f[:, 2] * y + (1 - f[:, 2]) * _gray(y)).clamp(0, 1),
+                   lambda y, f: _shift_hue(y, f[:, 3, 0, 0, 0])]
+    for position in range(4):
+        for op, adjust in enumerate(adjustments):
+            apply(jitter & (order[:, position] == op), adjust)
+    apply(u[:, 10] < aug.grayscale_p, lambda y, f: _gray(y).expand(-1, 3, -1, -1))
+    apply(u[:, 11] < blur_p, lambda y, f: _blur(y, f[:, 4, 0, 0, 0]))
+    apply(u[:, 12] < solarize_p, lambda y, f: torch.where(y >= 128 / 255, 1 - y, y))
+    mean, std = (torch.tensor(v, device=dev, dtype=x.dtype)[None, :, None, None] for v in (aug.mean, aug.std))
+    return (x - mean) / std
 
 
 def eval_transform(size=224, resize=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -183,8 +295,8 @@ def _read_idx(path):
 
 
 def load_fashion_mnist(train=True):
-    """Fashion-MNIST as (images uint8 [N, 28, 28], labels int64 [N]). Looks in $FASHION_MNIST_DIR, Debian's
-    dataset-fashion-mnist package and ~/.cache/rob, then downloads with torchvision."""
+    """Fashion-MNIST as (images uint8 [N, 28, 28], labels [N]): from $FASHION_MNIST_DIR, Debian's
+    dataset-fashion-mnist or ~/.cache/rob, else downloaded by torchvision."""
     split = "train" if train else "t10k"
     for folder in filter(None, FASHION_MNIST_DIRS):
         for suffix in (".gz", ""):
@@ -202,8 +314,7 @@ def load_fashion_mnist(train=True):
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST as 28x28 RGB PIL images (grayscale copied to 3 channels) with labels; `raw`: as uint8
-    [1, 28, 28] tensors, for --gpu_augment."""
+    """Fashion-MNIST as 28 x 28 RGB PIL images and labels; `raw`: uint8 [1, 28, 28] tensors (--gpu_augment)."""
 
     def __init__(self, train=True, raw=False):
         self.images, self.targets = load_fashion_mnist(train)
@@ -221,8 +332,7 @@ class FashionMNIST(Dataset):
 
 
 class SyntheticDataset(Dataset):
-    """Random tensors of the given shapes, no I/O and no augmentation: a benchmark of everything but data.
-    Returns (list of crops, label) for several shapes, (tensor, label) for one; `raw`: uint8 images."""
+    """Random tensors of the given shapes (uint8 images if `raw`) and labels: a benchmark of everything but data."""
 
     def __init__(self, shapes, length=100_000, num_classes=1000, raw=False):
         self.shapes, self.length, self.num_classes, self.raw = [tuple(s) for s in shapes], length, num_classes, raw
@@ -238,10 +348,19 @@ class SyntheticDataset(Dataset):
         return (crops if len(crops) > 1 else crops[0]), index % self.num_classes
 
 
+def read_encoded(path):
+    """--gpu_augment's image loader: a complete JPEG as its bytes (decoded on the device), other images as uint8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    with Image.open(path) as img:
+        return T.functional.pil_to_tensor(img.convert("RGB"))
+
+
 def build_dataset(data_path, train=True, synthetic_shapes=((3, 224, 224),), raw=False):
-    """`data_path` is an ImageFolder directory (class sub-folders of images), 'fashion-mnist' or 'synthetic'.
-    Returns a dataset of (PIL image, label), or of random tensors for 'synthetic'. `raw` (--gpu_augment):
-    uint8 image tensors instead, JPEG files as undecoded bytes (gpu_augment.read_encoded)."""
+    """The ImageFolder `data_path` (class sub-folders), 'fashion-mnist' or 'synthetic', as (PIL image, label) or,
+    `raw` (--gpu_augment), uint8 tensors and JPEG bytes."""
     if data_path == "fashion-mnist":
         return FashionMNIST(train, raw)
     if data_path == "synthetic":
@@ -250,10 +369,7 @@ def build_dataset(data_path, train=True, synthetic_shapes=((3, 224, 224),), raw=
         raise MissingFileError(f"--data_path {data_path} is not a folder. Give an ImageFolder directory "
                                "(one sub-folder of images per class), 'fashion-mnist' or 'synthetic'.")
     try:
-        if raw:
-            import gpu_augment
-            return datasets.ImageFolder(data_path, loader=gpu_augment.read_encoded)
-        return datasets.ImageFolder(data_path)
+        return datasets.ImageFolder(data_path, loader=read_encoded) if raw else datasets.ImageFolder(data_path)
     except FileNotFoundError as err:
         raise MissingFileError(f"--data_path {data_path} holds no images: an ImageFolder needs one sub-folder "
                                f"per class with .jpg/.png/... files inside. ({err})") from None
@@ -270,17 +386,17 @@ def random_subset(dataset, size, seed=0):
 
 
 class AugmentedDataset(Dataset):
-    """Applies `transform` to each (image, label) of `base`. Indexed by (epoch, index) keys (see
-    ResumableSampler): the random state of each sample's augmentation is seeded from (seed, epoch, index), so
-    the crops do not depend on the number of workers or processes and a resumed run sees the same crops. An
-    unreadable image is skipped with a warning (the next one is used instead) and marked in `unreadable`, a
-    flag per image shared with the loader workers: `num_skipped` counts images, not attempts. With
-    `return_index`, samples are (crops, index of the image used) instead of (crops, label)."""
+    """`transform` applied to each (image, label) of `base`, indexed by (epoch, index) keys (ResumableSampler): each
+    sample's crops draw from the torch RNG seeded by (seed, epoch, index), forked (the caller's RNG is untouched), so
+    they do not depend on the workers or processes and a resumed run sees the same. An unreadable image is skipped
+    with a warning and flagged in `unreadable`, shared with the workers. `return_index`: (crops, index of the image
+    used); `extras(rng)`, rng seeded by (seed, epoch, index, 1): ((crops, extras), label), e.g. iBOT's masks."""
 
     max_skips = 50
 
-    def __init__(self, base, transform, seed=0, return_index=False):
+    def __init__(self, base, transform, seed=0, return_index=False, extras=None):
         self.base, self.transform, self.seed, self.return_index = base, transform, seed, return_index
+        self.extras = extras
         self.unreadable = torch.zeros(len(base), dtype=torch.bool).share_memory_()
 
     @property
@@ -302,20 +418,18 @@ class AugmentedDataset(Dataset):
                 warnings.warn(f"skipping unreadable image {path}: {err}")
                 self.unreadable[i] = True
         else:
-            raise UnreadableFileError(f"{self.max_skips} unreadable images in a row from image {index}: is the "
-                                      "dataset intact?")
-        tag = i if self.return_index else label
-        if self.transform is None or not isinstance(image, Image.Image):
-            return image, tag
-        seed = mix_seed(self.seed, epoch, index)
-        torch.manual_seed(seed)
-        random.seed(seed)
-        return self.transform(image), tag
+            raise UserError(f"{self.max_skips} unreadable images in a row from image {index}: is the dataset intact?")
+        if self.transform is not None and isinstance(image, Image.Image):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix_seed(self.seed, epoch, index))
+                image = self.transform(image)
+        if self.extras is not None:
+            image = (image, self.extras(random.Random(mix_seed(self.seed, epoch, index, 1))))
+        return image, i if self.return_index else label
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled, equal shards, drop_last) that yields (epoch, index) keys and can start an
-    epoch at a given batch, to resume a run exactly where it stopped."""
+    """DistributedSampler yielding (epoch, index) keys that can start an epoch at a given batch (exact resume)."""
 
     def __init__(self, dataset, batch_size, seed=0):
         super().__init__(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=seed,
@@ -335,8 +449,8 @@ class ResumableSampler(DistributedSampler):
 
 
 def build_loader(dataset, batch_size, num_workers, seed=0, collate_fn=None):
-    """Training loader: ResumableSampler over the processes, pinned memory on GPU, persistent workers,
-    incomplete last batch dropped. Returns (loader, sampler)."""
+    """Training loader over the processes, pinned memory on GPU, persistent workers that ignore SIGTERM / SIGINT (the
+    main process finishes its step, saves and stops them). Returns (loader, sampler)."""
     sampler = ResumableSampler(dataset, batch_size, seed)
     if len(sampler) < batch_size:
         raise UserError(f"{len(dataset)} images cannot fill one batch of {batch_size} per process on "
@@ -348,41 +462,72 @@ def build_loader(dataset, batch_size, num_workers, seed=0, collate_fn=None):
 
 
 def _ignore_stop_signals(worker_id):
-    """Loader workers leave SIGTERM / SIGINT to the main process, which finishes its step and saves a
-    checkpoint (a scheduler or Ctrl-C signals every process); it stops them itself (_kill_workers_at_exit)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-@atexit.register
-def _kill_workers_at_exit():
-    """Workers ignore SIGTERM, so the terminate() of Python's exit handler would wait for them forever after
-    an exception: kill what is left first (registered after multiprocessing's handler, so it runs before)."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these kills as failures
-    for child in multiprocessing.active_children():
-        child.kill()
+def collate_raw(samples):
+    """--gpu_augment: raw images stacked if they share a shape, else listed; extras stacked."""
+    images, labels = zip(*samples)
+    extras = None
+    if isinstance(images[0], tuple):
+        images, extras = zip(*images)
+    images = torch.stack(images) if all(i.ndim == 3 and i.shape == images[0].shape for i in images) else list(images)
+    return (images if extras is None else (images, torch.stack(extras))), torch.tensor(labels)
 
 
-# ------------------------------------------------------------------------- the loss rules of the four methods
-def view_pairs(n_teacher, n_crops, swapped=False):
-    """(teacher view, student crop) pairs. Same-view (RoB's default): teacher view t -> student crop t and every
-    crop that is not another teacher view (one teacher view: every crop). Swapped (the original methods' cross-view
-    pairing): teacher view t -> every student crop but t."""
-    if swapped:
-        return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s != t]
-    return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s == t or s >= n_teacher]
+def training_data(data_path, augmentation, batch_size, num_workers, seed=0, subset=0, gpu_augment=False, extras=None):
+    """The training set of `data_path` (a seeded `subset`), augmented per image in the loader workers or, with
+    gpu_augment, on the device by crops_on_device(). A namespace; the loader yields (batch, indices of the images)."""
+    base = build_dataset(data_path, synthetic_shapes=augmentation.crop_shapes, raw=gpu_augment)
+    dataset = AugmentedDataset(random_subset(base, subset, seed), None if gpu_augment else augmentation, seed,
+                               return_index=True, extras=extras)
+    loader, sampler = build_loader(dataset, batch_size, num_workers, seed, collate_raw if gpu_augment else None)
+    return SimpleNamespace(dataset=dataset, loader=loader, sampler=sampler, augmentation=augmentation,
+                           gpu_augment=gpu_augment, seed=seed)
 
 
-def multi_crop_cross_entropy(student_logits, target_probs, pairs, student_temp):
-    """Mean over pairs of the batch-mean cross-entropy H(target_probs[t], softmax(student_logits[s] / T)).
-    student_logits: [n_crops * B, K], target_probs: [n_teacher * B, K], both crop-major; in fp32."""
-    n_crops, n_teacher = max(s for _, s in pairs) + 1, max(t for t, _ in pairs) + 1
-    student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1).chunk(n_crops)
-    targets = target_probs.chunk(n_teacher)
-    return sum(-(targets[t] * student_log_probs[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
+def crops_on_device(data, batch, indices, device, step, channels_last=False):
+    """A loader batch as its crops on the device: moved, or (--gpu_augment) decoded and augmented there with a
+    generator seeded by (seed, rank, step); undecodable images are flagged in data.dataset.unreadable."""
+    if data.gpu_augment:
+        images, failed = decode_images(batch, device)
+        data.dataset.unreadable[indices[failed]] = True
+        generator = torch.Generator().manual_seed(mix_seed(data.seed, get_rank(), step, 1))
+        crops = data.augmentation.batch(images, generator)
+    else:
+        crops = [c.to(device, non_blocking=True) for c in batch]
+    return [c.contiguous(memory_format=torch.channels_last) for c in crops] if channels_last else crops
 
 
-# ----------------------------------------------------------------------------------------------- models
+def decode_images(batch, device):
+    """--gpu_augment: raw images to uint8 tensors on `device`, JPEGs decoded there in one call (nvJPEG on a GPU); an
+    unreadable one is replaced by another image of the batch. Returns (images, positions of the unreadable)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True), []
+    images = [img.to(device, non_blocking=True) if img.ndim == 3 else None for img in batch]
+    encoded = [i for i, img in enumerate(batch) if img.ndim == 1]
+    try:
+        decoded = decode_jpeg([batch[i] for i in encoded], mode=ImageReadMode.RGB, device=device) if encoded else []
+    except RuntimeError:  # one bad file fails the whole call: decode one by one
+        decoded = []
+        for i in encoded:
+            try:
+                decoded.append(decode_jpeg(batch[i], mode=ImageReadMode.RGB).to(device, non_blocking=True))
+            except RuntimeError as err:
+                warnings.warn(f"skipping an undecodable JPEG in the batch: {err}")
+                decoded.append(None)
+    for i, img in zip(encoded, decoded):
+        images[i] = img
+    good = [img for img in images if img is not None]
+    if not good:
+        raise UserError("no image of a batch could be decoded: is the dataset intact?")
+    failed = [k for k, img in enumerate(images) if img is None]
+    return [img if img is not None else good[k % len(good)] for k, img in enumerate(images)], failed
+
+
+# ====================================================================================================== models
 STUDENT_ALIASES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
                    "vit_base": "vit_base_patch16_224", "resnet18": "resnet18", "resnet34": "resnet34",
                    "resnet50": "resnet50", "mobilenet_v3": "mobilenetv3_large_100",
@@ -399,7 +544,7 @@ def is_vit(model):
 
 
 def is_vit_name(name):
-    """Whether build_student(name) gives a ViT (for per-student defaults, before the model exists)."""
+    """Whether student_backbone(name) gives a ViT (for per-student defaults, before the model exists)."""
     return timm.models.is_model_in_modules(STUDENT_ALIASES.get(name, name), ["vision_transformer"])
 
 
@@ -409,19 +554,17 @@ def feature_dim(model):
 
 
 def create_backbone(arch):
-    """Rebuild a backbone from its arch record dict(name=timm model name, kwargs=create_model kwargs,
-    pooled_features=True for a MobileNetV3 read at its pooled last stage)."""
+    """A backbone from its arch record: timm `name` and `kwargs`, `pooled_features` (a MobileNetV3's pooled stage)."""
     model = timm.create_model(arch["name"], pretrained=False, **arch["kwargs"])
     if arch.get("pooled_features"):  # MobileNetV3: the 960-d pooled features, without the 1280-d conv head
         model.conv_head, model.act2, model.head_hidden_size = nn.Identity(), nn.Identity(), model.num_features
     return model
 
 
-def build_student(name, img_size=224, patch_size=None, drop_path_rate=0.0):
-    """A randomly initialised timm backbone without classifier: an alias (vit_tiny, vit_small, vit_base,
-    resnet18, resnet34, resnet50, mobilenet_v3; vit_nano and vit_pico, narrow 6-block ViTs for small images)
-    or any timm model name. ViTs accept any input size (96 px local crops) and take `patch_size`/`img_size`
-    overrides for small images. Returns (model, feature width, arch record for create_backbone)."""
+def student_backbone(name, img_size=224, patch_size=None, drop_path_rate=0.0):
+    """A random timm backbone without classifier (from the torch RNG as it is): an alias (vit_tiny, vit_small,
+    vit_base, resnet18, resnet34, resnet50, mobilenet_v3; vit_nano, vit_pico for small images) or any timm name; ViTs
+    take any input size. Returns (model, feature width, arch record)."""
     timm_name = STUDENT_ALIASES.get(name, name)
     if not timm.is_model(timm_name):
         raise UserError(f"unknown student '{name}': use one of {', '.join(STUDENT_ALIASES)} or any "
@@ -440,22 +583,8 @@ def build_student(name, img_size=224, patch_size=None, drop_path_rate=0.0):
     return model, feature_dim(model), arch
 
 
-def build_teacher_backbone(name, patch_size=16, img_size=224):
-    """Backbones of the official releases by family name: vit_small / vit_base / vit_large with patch 16, 8,
-    4 or 7, or resnet50 (random weights; load_strict fills them). Returns (model, arch)."""
-    if name == "resnet50":
-        arch = dict(name="resnet50", kwargs=dict(num_classes=0))
-    elif name in ("vit_small", "vit_base", "vit_large"):
-        arch = dict(name=f"{name}_patch16_224", kwargs=dict(num_classes=0, patch_size=patch_size,
-                                                             img_size=img_size, dynamic_img_size=True))
-    else:
-        raise ValueError(f"unknown teacher backbone '{name}': vit_small, vit_base, vit_large or resnet50")
-    return create_backbone(arch), arch
-
-
 def projection_mlp(in_dim, hidden_dim, out_dim, nlayers=3, use_bn=False):
-    """DINO's and iBOT's head MLP: nlayers linear layers (GELU between, BN too for convnets), truncated-normal
-    weights and zero biases. Module names 0, 1, 2... as the official `mlp`, so that their checkpoints load."""
+    """DINO's and iBOT's head MLP (GELU, BN for convnets; module names 0, 1, 2... as the official `mlp`)."""
     dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [out_dim]
     layers = []
     for i in range(nlayers):
@@ -468,9 +597,8 @@ def projection_mlp(in_dim, hidden_dim, out_dim, nlayers=3, use_bn=False):
 
 
 def backbone_from_state_dict(sd, num_heads=None, arch_name=None):
-    """Build the timm backbone whose layout matches a ViT or ResNet state dict (timm/torchvision key names,
-    no prefix), reading sizes from the tensors. A ViT's head count is not in its tensors: it comes from
-    `num_heads`, else the DINO/iBOT/MSN `arch_name` (vit_small...), else the standard widths. Returns (model, arch)."""
+    """The timm backbone of a ViT or ResNet state dict, sizes read from its tensors; a ViT's head count from
+    `num_heads`, else the release's `arch_name`, else the standard widths. Returns (model, arch)."""
     if "cls_token" in sd:
         dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
         grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
@@ -496,18 +624,16 @@ def backbone_from_state_dict(sd, num_heads=None, arch_name=None):
     return create_backbone(arch), arch
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
 def load_file(path, what="checkpoint"):
-    """torch.load a local path or an https:// URL (downloaded once into the torch.hub cache) with
-    weights_only=True; argparse.Namespace, which the official DINO/iBOT checkpoints store, is allow-listed."""
+    """torch.load (weights only; argparse.Namespace allowed, as DINO/iBOT releases hold it) a path or URL."""
     path = str(path)
     with torch.serialization.safe_globals([argparse.Namespace]):
         if path.startswith(("http://", "https://")):
             try:
                 return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=True)
             except Exception as err:
-                raise UnreadableFileError(f"could not download the {what} {path} ({err}). Without internet, "
-                                          "download it elsewhere and pass the local file path instead.") from err
+                raise UserError(f"could not download the {what} {path} ({err}). Without internet, download it "
+                                "elsewhere and pass the local file path instead.") from err
         if not os.path.isfile(path):
             raise MissingFileError(f"{what} not found: {path}")
         try:
@@ -518,8 +644,7 @@ def load_file(path, what="checkpoint"):
 
 
 def source_of(name_or_path, names, url, what):
-    """--teacher: the download address of a known release name, else a local file that must exist. An unknown
-    name that does not look like a path lists the valid names."""
+    """--teacher: the address of a known release, else a local file; an unknown name lists the known ones."""
     if name_or_path in names:
         return url(name_or_path)
     if not os.path.exists(name_or_path) and not any(c in name_or_path for c in "/\\.") and \
@@ -542,8 +667,7 @@ def sub_state_dict(sd, prefix):
 
 
 def load_strict(module, sd, source, expected):
-    """Load every tensor of `sd` into `module` and fill every tensor of `module`; otherwise raise an error that
-    names the file (`source`), the expected format and the missing / unexpected / mis-shaped keys."""
+    """Load `sd` into `module`, every tensor used and filled, or raise naming the file, the format and the keys."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -557,23 +681,8 @@ def load_strict(module, sd, source, expected):
     module.load_state_dict(sd)
 
 
-def recorded_backbone(ckpt, sd, source):
-    """The backbone of one of this project's checkpoints, rebuilt from its `arch` record without drop-path and
-    loaded strictly from the backbone.* entries of `sd`."""
-    arch = ckpt["arch"]
-    backbone = create_backbone({**arch, "kwargs": {**arch["kwargs"], "drop_path_rate": 0.0}})
-    load_strict(backbone, sub_state_dict(sd, "backbone."), source, f"{ckpt['method']}.py checkpoint")
-    return backbone
-
-
-def freeze(model):
-    """A frozen teacher: eval mode (BN statistics never change), no gradients."""
-    return model.eval().requires_grad_(False)
-
-
 def fold_weight_norm(sd, layers=("last_layer",)):
-    """Weight-normalised last layers (official weight_g / weight_v, or torch parametrization names) to the plain
-    weight g * v / ||v|| (row-wise) that a frozen teacher uses; each layer folded into its own copy."""
+    """Weight-normalised layers (official weight_g / weight_v or torch's parametrization) folded to g * v / ||v||."""
     sd = dict(sd)
     for layer in layers:
         for g_key, v_key in [(f"{layer}.weight_g", f"{layer}.weight_v"),
@@ -585,33 +694,88 @@ def fold_weight_norm(sd, layers=("last_layer",)):
     return sd
 
 
-METHODS = {"rob_dino": "a DINO", "rob_ibot": "an iBOT", "rob_msn": "an MSN", "rob_swav": "a SwAV"}
+TEACHER_PARTS = {"rob_dino": ("a DINO", "its DINO head"), "rob_msn": ("an MSN", "its projection head and prototypes"),
+                 "rob_ibot": ("an iBOT", "its iBOT head (CLS and patch outputs)"),
+                 "rob_swav": ("a SwAV", "its projection head and prototypes ('module.prototypes.weight')")}
 
 
-def refuse_teacher(ckpt, source, script, needs, release):
-    """Raise the UserError for a --teacher file that `script` cannot use: another script's checkpoint or another
-    method's release names the script to use; a backbone without its head names a release that has one."""
+def teacher_parts(ckpt, source, method, release, num_heads=None):
+    """Read a --teacher file of `method` (rob_dino...): a checkpoint.pth of that script (its EMA teacher if it saved
+    one, else its student) or an official release (DINO / iBOT: `teacher`; MSN: `target_encoder`, `prototypes`; SwAV:
+    flat). Returns (the backbone, loaded strictly; the head's state dict; MSN's prototypes or None). Any other file is
+    refused naming the fix: the script it belongs to, or `release`, an official file with the head."""
     if not isinstance(ckpt, dict):
         raise UserError(f"{source} is not a checkpoint dictionary")
-    kind = METHODS[script]
-    if ckpt.get("method") is not None:
-        raise UserError(f"{source} was written by {ckpt['method']}.py, not {script}.py: {kind} teacher needs {needs}. "
-                        f"Use {ckpt['method']}.py with it, or give {kind} checkpoint.")
-    teacher, flat = ckpt.get("teacher"), strip_prefix(ckpt.get("state_dict", ckpt), "module.")
-    other = ("rob_msn" if "target_encoder" in ckpt else
-             "rob_ibot" if isinstance(teacher, dict) and any("last_layer2" in k for k in teacher) else
-             "rob_dino" if isinstance(teacher, dict) else "rob_swav" if "prototypes.weight" in flat else None)
-    if other is not None and other != script:
-        raise UserError(f"{source} is {METHODS[other]} checkpoint: use {other}.py with it.")
-    if "cls_token" in flat or "conv1.weight" in flat:
+    (kind, needs), teacher = TEACHER_PARTS[method], ckpt.get("teacher")
+    flat = strip_prefix(ckpt.get("state_dict", ckpt), "module.")
+    owner = ckpt.get("method") or ("rob_msn" if "target_encoder" in ckpt else
+                                   "rob_ibot" if isinstance(teacher, dict) and any("last_layer2" in k for k in teacher)
+                                   else "rob_dino" if isinstance(teacher, dict) else
+                                   "rob_swav" if "prototypes.weight" in flat else None)
+    if ckpt.get("method") not in (None, method):
+        raise UserError(f"{source} was written by {owner}.py, not {method}.py: {kind} teacher needs {needs}. Use "
+                        f"{owner}.py with it, or give {kind} checkpoint.")
+    if owner not in (None, method):
+        raise UserError(f"{source} is {TEACHER_PARTS[owner][0]} checkpoint: use {owner}.py with it.")
+    if owner is None and ("cls_token" in flat or "conv1.weight" in flat):
         raise UserError(f"{source} holds a backbone only; {kind} teacher needs {needs} too, which the full releases "
                         f"contain, e.g. {release}")
-    raise UserError(f"{source} is not {kind} checkpoint (expected {needs}).")
+    if owner is None:
+        raise UserError(f"{source} is not {kind} checkpoint (expected {needs}).")
+    if ckpt.get("method") == method:  # this script's: its EMA teacher (a baseline run), else its student
+        sd, arch = teacher or ckpt["student"], ckpt["arch"]
+        prototypes = ckpt.get("student", {}).get("prototypes") if teacher else None  # plain MSN's are the student's
+        backbone = create_backbone({**arch, "kwargs": {**arch["kwargs"], "drop_path_rate": 0.0}})
+        load_strict(backbone, sub_state_dict(sd, "backbone."), source, f"{method}.py checkpoint")
+        return backbone, sub_state_dict(sd, "head."), None if prototypes is None else prototypes.float()
+    if method == "rob_msn":
+        if "prototypes" not in ckpt:
+            raise UserError(f"{source} has a target encoder but no prototypes: give the complete MSN release, e.g. "
+                            f"{release}")
+        sd = strip_prefix(ckpt["target_encoder"], "module.")
+        backbone_sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+        head_sd, prototypes = sub_state_dict(sd, "fc."), ckpt["prototypes"].float()
+        if "fc1.weight" not in head_sd:
+            raise UserError(f"{source}: the target encoder has no projection head (fc.fc1 ... fc.fc3)")
+    elif method == "rob_swav":  # stored in fp16
+        flat = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in flat.items()}
+        head_sd = {k: v for k, v in flat.items() if k.startswith(("projection_head.", "prototypes."))}
+        backbone_sd, prototypes = {k: v for k, v in flat.items() if k not in head_sd}, None
+    else:  # DINO and iBOT full checkpoints: the teacher network (args.arch names its ViT's heads)
+        sd = strip_prefix(teacher, "module.")
+        backbone_sd, head_sd, prototypes = sub_state_dict(sd, "backbone."), sub_state_dict(sd, "head."), None
+    try:
+        backbone, _ = backbone_from_state_dict(backbone_sd, num_heads, getattr(ckpt.get("args"), "arch", None))
+    except UserError as err:
+        raise UserError(f"{source}: {err}. Use a standard release, e.g. {release}") from None
+    load_strict(backbone, backbone_sd, source, f"{kind} release's backbone")
+    return backbone, head_sd, prototypes
+
+
+def mlp_sizes(sd):
+    """The arguments of projection_mlp (in_dim, hidden_dim, out_dim, nlayers, use_bn) that built `sd`."""
+    linears = sorted(int(k.split(".")[0]) for k in sd if sd[k].ndim == 2)
+    first, last = sd[f"{linears[0]}.weight"], sd[f"{linears[-1]}.weight"]
+    return dict(in_dim=first.shape[1], hidden_dim=first.shape[0], out_dim=last.shape[0], nlayers=len(linears),
+                use_bn=any(k.endswith("running_mean") for k in sd))
+
+
+class MultiCropNetwork(nn.Module):
+    """Backbone + head over a list of crops: one backbone pass per run of same-sized crops (the global crops
+    together, the local crops together), one head pass over all the features, crop-major ([n_crops * B, ...])."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        same_size_runs = itertools.groupby(crops, key=lambda crop: crop.shape[-1])
+        return self.head(torch.cat([self.backbone(torch.cat(list(run))) for _, run in same_size_runs]))
 
 
 def save_atomic(obj, path):
-    """torch.save through a temporary file of this process and a rename: a crash or a kill mid-write never
-    leaves a broken `path`, and a failed write leaves no temporary file. A full disk is a UserError."""
+    """torch.save through a temporary file of this process and a rename: a crash or a kill mid-write never leaves a
+    broken `path`, and a failed write leaves no temporary file. A full disk is a UserError."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     buffer = io.BytesIO()
@@ -631,10 +795,9 @@ def save_atomic(obj, path):
 
 
 def export_timm(backbone, arch, path):
-    """Save the student backbone as a plain timm state dict, with a zero classifier of the model's default
-    shape, so that timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path,
-    custom_load=False), **kwargs) loads it strictly (num_classes=N gives a fresh N-way classifier instead;
-    custom_load=False because timm's default ViT weights are JAX .npz files). Returns that call."""
+    """Save the student backbone as a timm state dict (the classifier zeroed) that timm.create_model(name,
+    pretrained=True, pretrained_cfg_overlay=dict(file=path, custom_load=False), **kwargs) loads strictly
+    (num_classes=N: a fresh classifier; custom_load=False as timm's ViT weights are .npz). Returns that call."""
     kwargs = {k: v for k, v in arch["kwargs"].items() if k not in ("num_classes", "drop_path_rate")}
     full = timm.create_model(arch["name"], pretrained=False, **kwargs)
     result = full.load_state_dict(backbone.state_dict(), strict=False)
@@ -643,14 +806,93 @@ def export_timm(backbone, arch, path):
         if not name.startswith("conv_head."):  # timm's initialisation (the student learned the 960-d pooled features)
             full.get_parameter(name).data.zero_()
     save_atomic({k: v.detach().cpu() for k, v in full.state_dict().items()}, path)
-    return timm_call(arch, path)
+    call = (f"timm.create_model({arch['name']!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(path)!r}, "
+            f"custom_load=False){''.join(f', {k}={v!r}' for k, v in kwargs.items())})")
+    return call + ("; then model.conv_head = model.act2 = torch.nn.Identity() for the trained 960-d pooled features"
+                   if arch.get("pooled_features") else "")
 
 
-def timm_call(arch, path):
-    """The timm.create_model call that loads an exported student."""
-    args = "".join(f", {k}={v!r}" for k, v in arch["kwargs"].items() if k not in ("num_classes", "drop_path_rate"))
-    call = (f"timm.create_model({arch['name']!r}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file={str(path)!r}, custom_load=False){args})")
-    if arch.get("pooled_features"):
-        call += "; then model.conv_head = model.act2 = torch.nn.Identity() for the trained 960-d pooled features"
-    return call
+def freeze(model):
+    """A frozen teacher: eval mode (BN statistics never change), no gradients."""
+    return model.eval().requires_grad_(False)
+
+
+def place_student(student, device):
+    """The student on the device: channels-last if a convnet, BatchNorm over the global batch, wrapped in DDP on
+    several processes (rank 0's weights everywhere). Returns (student, the network a step calls)."""
+    student = sync_batchnorm(student.to(device))
+    if not is_vit(student.backbone):
+        student = student.to(memory_format=torch.channels_last)
+    if get_world_size() == 1:
+        return student, student
+    return student, nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+
+
+def place_teacher(teacher, device, dtype, low_precision=()):
+    """The frozen teacher on the device (channels-last if a convnet), the `low_precision` modules in `dtype`."""
+    teacher.to(device)
+    for module in low_precision:
+        module.to(dtype)
+    return teacher if is_vit(teacher.backbone) else teacher.to(memory_format=torch.channels_last)
+
+
+def check_patch(backbone, crop_size):
+    """The teacher sees the global crops: their size must be a multiple of its patch size."""
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", (1,))[0]
+    if crop_size % patch:
+        raise UserError(f"--global_crops_size {crop_size} is not a multiple of the teacher's patch size {patch}: "
+                        "the teacher sees the global crops.")
+
+
+def compile_network(network):
+    """torch.compile a network in place (same checkpoint keys); a ViT without stochastic depth per block (fast)."""
+    backbone = network.backbone
+    if is_vit(backbone) and len({repr(block.drop_path1) for block in backbone.blocks}) == 1:
+        for block in backbone.blocks:
+            block.compile()
+    else:
+        backbone.compile()
+    network.head.compile()
+    return network
+
+
+def sync_batchnorm(module):
+    """BatchNorm over the global batch when several processes train (a no-op without BN layers): SyncBatchNorm on
+    GPUs, ProcessGroupBatchNorm on CPUs (gloo). The statistics, hence the step, are then those of one process on
+    the global batch, and the running statistics are the same in every process."""
+    if get_world_size() > 1 and torch.cuda.is_available():
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if get_world_size() > 1:
+        for name, child in module.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):  # the same parameter and buffer tensors
+                replacement = ProcessGroupBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+                for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                    setattr(replacement, key, getattr(child, key))
+                setattr(module, name, replacement.train(child.training))
+            else:
+                sync_batchnorm(child)
+    return module
+
+
+class ProcessGroupBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """What SyncBatchNorm does, without CUDA: in training, the mean and variance of each channel over the global
+    batch (sums all-reduced, with their gradient), the running statistics updated with them."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        dims, c, shape = [0] + list(range(2, x.dim())), x.shape[1], [1, x.shape[1]] + [1] * (x.dim() - 2)
+        count = x.new_tensor([x.numel() / c])
+        sums = torch.distributed.nn.functional.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        total = sums[-1]
+        mean, var = sums[:c] / total, sums[c:2 * c] / total - (sums[:c] / total) ** 2
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * total / (total - 1), self.momentum)
+            self.num_batches_tracked += 1
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y

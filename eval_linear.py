@@ -1,10 +1,9 @@
 """How good is this backbone? DINO's weighted k-NN, a linear probe and MSN's low-shot logistic regression on
 frozen features, for students written by any rob_*.py and for the official DINO / iBOT / MSN / SwAV teachers.
 
-Features are extracted once (across GPUs under torchrun; --features_cache keeps them): for a ViT the CLS tokens
-of the last --n_last_blocks blocks after the final norm, concatenated (DINO's linear-probe feature), for a convnet
-the average pool. k-NN and low-shot use the backbone output (the last CLS after the norm, or the pool), as DINO's
-k-NN and MSN's low-shot evaluations do. A summary is printed and a JSON line appended to output_dir/eval_log.txt.
+Features are extracted once (across GPUs under torchrun; --features_cache keeps them): a ViT's CLS tokens of the last
+--n_last_blocks blocks (DINO's linear-probe feature), a convnet's pool; k-NN and low-shot use the backbone output, as
+DINO's and MSN's do. A summary is printed and a JSON line appended to output_dir/eval_log.txt. Runs with common.py.
 
     python eval_linear.py --checkpoint output/checkpoint.pth --data_path fashion-mnist --knn --linear --low_shot
     python eval_linear.py --checkpoint output/student_timm.pth --arch vit_tiny --patch_size 4 --img_size 32 --knn
@@ -15,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 import common
-import training
 
 FAST_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3]  # at batch 256, for standardised features
 FAST_BATCH_SIZE = 1024  # the fast probe reads its features from memory: large batches cost nothing
@@ -120,7 +119,7 @@ def load_backbone(path, arch=None, checkpoint_key=None, num_heads=None, patch_si
     else:  # flat: DINO backbone-only, iBOT {'state_dict': ...}, SwAV, an exported student_timm.pth
         sd = common.strip_prefix(ckpt.get("state_dict", ckpt), "module.", "_orig_mod.")
         if arch is not None:  # a timm state dict of a known architecture: drop its classifier
-            model, _, _ = common.build_student(arch, img_size, patch_size)
+            model, _, _ = common.student_backbone(arch, img_size, patch_size)
             classifier = model.pretrained_cfg.get("classifier", "head")
             classifier = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier))
             sd = {k: v for k, v in sd.items() if not k.startswith(classifier)}
@@ -215,7 +214,7 @@ def load_or_extract_features(model, splits, args, device):
                     data_path=args.data_path, img_size=args.img_size, n_last_blocks=args.n_last_blocks,
                     avgpool_patchtokens=args.avgpool_patchtokens)
     if args.features_cache and os.path.isfile(args.features_cache):
-        if not common.is_main_process():
+        if not common.get_rank() == 0:
             return None
         features = common.load_file(args.features_cache, "features cache")
         if not isinstance(features, dict) or features.pop("settings", None) != settings:
@@ -225,7 +224,7 @@ def load_or_extract_features(model, splits, args, device):
     else:
         features = {name: extract_features(model, split, args, device, f"{name} features")
                     for name, split in zip(("train", "test"), splits)}
-        if not common.is_main_process():
+        if not common.get_rank() == 0:
             return None
         if args.features_cache:
             Path(args.features_cache).parent.mkdir(parents=True, exist_ok=True)
@@ -259,8 +258,7 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, ks,
 
 # ------------------------------------------------------------------------------------------------- linear
 class LinearProbes(nn.Module):
-    """One linear classifier per learning rate, all fed the same features: one pass over the data trains them
-    all. Initialised as DINO's LinearClassifier (weights N(0, 0.01), zero bias)."""
+    """One linear classifier per learning rate, all trained by one pass over the data (DINO's init: N(0, 0.01), 0)."""
 
     def __init__(self, dim, num_classes, n):
         super().__init__()
@@ -289,6 +287,11 @@ def probe_step(probes, optimizer, features, labels, lr_factor):
 
 
 @torch.no_grad()
+def cosine(steps):
+    """The linear probes' lr factor at each step: cosine from 1 to 0, as DINO's."""
+    return (0.5 * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))).tolist()
+
+
 def probe_accuracies(probes, features, labels, chunk=8192):
     """[(top-1 %, top-5 %)] of each classifier."""
     hits = sum(torch.stack([topk_hits(logits, labels[i:i + chunk]) for logits in probes(features[i:i + chunk])])
@@ -310,7 +313,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
     probes = LinearProbes(train_features.shape[1], num_classes, len(lrs)).to(device)
     optimizer = probes.optimizer(lrs, FAST_BATCH_SIZE)
     steps_per_epoch = math.ceil(len(fit) / FAST_BATCH_SIZE)
-    schedule = training.cosine_schedule(1.0, 0.0, epochs, steps_per_epoch)
+    schedule = cosine(epochs * steps_per_epoch)
     for epoch in tqdm(range(epochs), desc="linear probe", dynamic_ncols=True):
         perm = torch.randperm(len(fit), generator=generator).to(device)
         for i in range(steps_per_epoch):
@@ -335,14 +338,14 @@ def dino_linear(model, args, num_classes, device, features):
     optimizer = probes.optimizer(lrs, args.batch_size_per_gpu * common.get_world_size())
     trained = DistributedDataParallel(probes, device_ids=[device.index] if device.type == "cuda" else None) \
         if common.get_world_size() > 1 else probes
-    schedule = training.cosine_schedule(1.0, 0.0, args.epochs, len(loader))
+    schedule = cosine(args.epochs * len(loader))
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         for i, (images, labels) in enumerate(tqdm(loader, desc=f"linear epoch {epoch}", dynamic_ncols=True,
-                                                  disable=not common.is_main_process())):
+                                                  disable=not common.get_rank() == 0)):
             batch_features = backbone_features(model, images.to(device), args.n_last_blocks, args.avgpool_patchtokens)
             probe_step(trained, optimizer, batch_features, labels.to(device), schedule[epoch * len(loader) + i])
-    if not common.is_main_process():
+    if not common.get_rank() == 0:
         return None
     accuracies = probe_accuracies(probes, *features["test"])
     return dict(protocol="dino", epochs=args.epochs, top1_per_lr={str(lr): a[0] for lr, a in zip(lrs, accuracies)},
@@ -403,9 +406,13 @@ def check_args(args):
     if not (args.knn or args.linear or args.low_shot or args.features_cache):
         raise common.UserError("nothing to do: pass --knn, --linear and/or --low_shot (or --features_cache to "
                                "extract only)")
-    training.check_args(args, positive=["img_size", "batch_size_per_gpu", "temperature", "epochs", "low_shot_seeds",
-                                      "n_last_blocks", "nb_knn", "lr"], non_negative=["num_workers"])
-    if common.is_main_process():  # the results are written there: a bad folder fails now, not after the evaluation
+    for name in ("img_size", "batch_size_per_gpu", "temperature", "epochs", "low_shot_seeds", "n_last_blocks",
+                 "nb_knn", "lr", "num_workers"):
+        values = getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
+        if not all(v is None or v > 0 or (v == 0 and name == "num_workers") for v in values):
+            rule = ">= 0" if name == "num_workers" else "> 0"
+            raise common.UserError(f"--{name} {' '.join(map(str, values))}: must be {rule}")
+    if common.get_rank() == 0:  # the results are written there: a bad folder fails now, not after the evaluation
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=args.output_dir).close()
@@ -415,7 +422,7 @@ def check_args(args):
 
 
 def main(args):
-    rank, _, device = common.init_distributed()
+    device, rank = common.init_distributed(), common.get_rank()
     check_args(args)
     model, description = load_backbone(args.checkpoint, args.arch, args.checkpoint_key, args.num_heads,
                                        args.patch_size, args.img_size)
@@ -479,4 +486,15 @@ def main(args):
 
 
 if __name__ == "__main__":
-    training.run_main(main, argparse.ArgumentParser("eval_linear", parents=[get_args_parser()]))
+    code = 0  # exit codes: 0 done, 2 a user error (one line; ROB_DEBUG=1 shows the traceback)
+    try:
+        main(argparse.ArgumentParser("eval_linear", parents=[get_args_parser()]).parse_args())
+    except common.UserError as err:
+        if os.environ.get("ROB_DEBUG"):
+            raise
+        print(f"eval_linear.py: error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)

@@ -1,35 +1,32 @@
-"""RoB-DINO: train a small network by distillation from a frozen, pretrained DINO model.
+"""RoB-DINO: train a small network by distillation from a frozen, pretrained DINO model. Runs with common.py beside it.
 
-DINO trains a student to match the softmax output of a momentum teacher on other views of the same image.
-RoB ("Replace one Branch") keeps the student branch as it is and replaces the teacher branch by a released
-DINO model (backbone + DINO head), frozen: no EMA, no centering, no temperature warm-up. The student, a fresh
-ViT-Tiny / ResNet-18 / ..., learns to predict softmax(teacher_logits / 0.07) from the same global crops and
-from the local crops of each image.
+DINO trains a student to match the softmax output of a momentum teacher on other views of the same image. RoB
+("Replace one Branch") replaces that teacher by a released DINO model (backbone + DINO head), frozen: no EMA, no
+centering, no temperature warm-up. The student, a fresh ViT-Tiny / ResNet-18 / ..., learns to predict
+softmax(teacher_logits / 0.07) from the same global crops and from the local crops.
 
     torchrun --nproc_per_node=8 rob_dino.py --student vit_tiny --data_path /data/imagenet/train --output_dir out/
 
-The recipe (the defaults): teacher DINO ViT-B/16 with its 65536-way head; student head = DINO head of the same K;
-same-view pairing (teacher view i -> student view i and every local crop); CE at student temperature 0.1; 2 x 224
-px crops of scale (0.25, 1) + 8 x 96 px of scale (0.05, 0.25), colour jitter (0.4, 0.4, 0.4, 0.1), blur and
-solarisation as DINO; AdamW, lr 5e-4 x batch / 256 after 10 warm-up epochs, cosine to 1e-5, weight decay 0.04 ->
-0.4, no gradient clipping, drop-path 0.1 for ViT students.
-
-`--teacher ema` runs plain DINO instead (EMA teacher, centering, temperature warm-up, cross-view pairing): the
-baseline of the paper, and a way to pretrain a teacher on your own data. Its checkpoint is a valid --teacher.
+The recipe (the defaults): teacher DINO ViT-B/16 and its 65536-way head; student head = DINO head of the same K;
+same-view pairing; CE at student temperature 0.1; 2 x 224 px crops (0.25, 1) + 8 x 96 px (0.05, 0.25), DINO's
+augmentation; AdamW, lr 5e-4 x batch / 256 after 10 warm-up epochs, cosine to 1e-5, weight decay 0.04 -> 0.4, no
+clipping, drop-path 0.1 for ViTs. `--teacher ema` runs plain DINO instead, the paper's baseline and a way to pretrain
+a teacher on your own data (any checkpoint.pth of this script is a valid --teacher). Read top to bottom: target and
+loss, networks, the baseline, the step, flags and main(), then the run machinery the four rob_*.py files share.
 """
-import argparse
-import copy
-import itertools
-import time
+import argparse, contextlib, copy, datetime, fcntl, json, math, multiprocessing, os, signal, sys, time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import training
 
+METHOD = "rob_dino"
 TEACHERS = {  # official DINO full checkpoints (backbone + DINO head): name -> (release, backbone, patch)
     "dino_vits16": ("dino_deitsmall16_pretrain", "vit_small", 16),
     "dino_vits8": ("dino_deitsmall8_pretrain", "vit_small", 8),
@@ -40,121 +37,39 @@ TEACHERS = {  # official DINO full checkpoints (backbone + DINO head): name -> (
 URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}_full_checkpoint.pth"
 
 
-# -------------------------------------------------------------------------------------------- arguments
-def get_args_parser():
-    parser = argparse.ArgumentParser("RoB-DINO", add_help=False)
-    group = parser.add_argument_group("model")
-    group.add_argument("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base, resnet18, resnet34, "
-                       "resnet50, mobilenet_v3, vit_nano, vit_pico (small images) or any timm name.")
-    group.add_argument("--teacher", default="dino_vitb16", help=f"{', '.join(TEACHERS)}; a local DINO full "
-                       "checkpoint (backbone + head); a checkpoint.pth of this script (a RoB-DINO student or a "
-                       "--teacher ema run teaches the next student); or 'ema' for the plain-DINO baseline.")
-    group.add_argument("--student_head", default="dino", choices=["dino", "mlp"], help="dino: DINO head "
-                       "(MLP, L2-norm, weight-normalised last layer to the teacher's K); mlp: [d, hidden_dim, K].")
-    group.add_argument("--hidden_dim", type=int, default=2048, help="Student head hidden width.")
-    group.add_argument("--bottleneck_dim", type=int, default=256, help="Student DINO head bottleneck width.")
-    group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (default: the "
-                       "model's own, 16); small images want small patches (7 at 28 px).")
-    group.add_argument("--drop_path_rate", type=float, default=None, help="Student stochastic depth (default "
-                       "0.1 for ViTs, as the reference's ViT-S, 0 for convnets).")
-    group = parser.add_argument_group("temperatures and pairing")
-    group.add_argument("--teacher_temp", type=float, default=0.07, help="Teacher softmax temperature.")
-    group.add_argument("--student_temp", type=float, default=0.1, help="Student softmax temperature.")
-    group.add_argument("--swapped", action="store_true", help="DINO's cross-view pairing (teacher view i -> "
-                       "every student crop but i). Default: same-view pairing (teacher view i -> student view i "
-                       "and every local crop). Always on with --teacher ema.")
-    group = parser.add_argument_group("plain-DINO baseline (--teacher ema only)")
-    group.add_argument("--out_dim", type=int, default=65536, help="Prototypes K of the DINO head (RoB: the "
-                       "teacher's K).")
-    group.add_argument("--momentum_teacher", type=float, default=0.996, help="EMA momentum, cosine to 1.")
-    group.add_argument("--warmup_teacher_temp", type=float, default=0.04, help="Teacher temperature at the "
-                       "start, raised linearly to --teacher_temp.")
-    group.add_argument("--warmup_teacher_temp_epochs", type=int, default=30, help="Length of that warm-up.")
-    group.add_argument("--center_momentum", type=float, default=0.9, help="EMA momentum of the teacher centre.")
-    group.add_argument("--freeze_last_layer", type=int, default=1, help="Epochs with the last head layer frozen.")
-    training.add_optimisation_args(parser, epochs=300, lr=5e-4, clip_grad=None, helps=dict(
-        lr="Peak lr at a global batch of 256, scaled linearly (1024 -> 2e-3, the paper's setting).",
-        clip_grad="Gradient clipping (0: off). Default: off for RoB, as the reference; 3.0 per parameter tensor "
-                  "with --teacher ema, as DINO."))
-    training.add_multicrop_args(parser, (0.25, 1.0), 8, (0.05, 0.25))
-    training.add_run_args(parser)
-    return parser
+# ---------------------------------------------------------------------------------------- the RoB target and loss
+def teacher_probs(teacher_logits, temp, center=None):
+    """The RoB seam: the frozen teacher's logits become the target distribution softmax(logits / 0.07).
+    (The plain-DINO baseline subtracts its running centre first.)"""
+    logits = teacher_logits.float() if center is None else teacher_logits.float() - center
+    return F.softmax(logits / temp, dim=-1)
 
 
-def check_args(args):
-    training.check_args(args, positive=["epochs", "batch_size_per_gpu", "teacher_temp", "student_temp",
-                                      "warmup_teacher_temp", "out_dim", "hidden_dim", "bottleneck_dim",
-                                      "global_crops_size", "local_crops_size"],
-                      non_negative=["lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
-                                    "local_crops_number", "warmup_teacher_temp_epochs", "freeze_last_layer"],
-                      fractions=["drop_path_rate", "momentum_teacher", "center_momentum"],
-                      scales=["global_crops_scale", "local_crops_scale"])
+def view_partners(n_global, n_crops, swapped):
+    """partners[t, s] = 1 where teacher view t supervises student crop s. Same-view: view i -> student crop i and
+    every local crop. Swapped (DINO's): view i -> every student crop except i."""
+    t, s = torch.arange(n_global)[:, None], torch.arange(n_crops)[None, :]
+    return ((s != t) if swapped else (s == t) | (s >= n_global)).float()
 
 
-def build_augmentation(args):
-    """DINO's multi-crop augmentation, as the reference RoB configs set it: 2 global crops (teacher and
-    student), the local crops (student only), colour jitter (0.4, 0.4, 0.4, 0.1), blur p 1 / 0.1 / 0.5 and
-    solarisation p 0 / 0.2 / 0 for global crop 1 / global crop 2 / locals, bicubic."""
-    return common.MultiCropAugmentation(args.global_crops_size, args.local_crops_size, 2, args.local_crops_number,
-                                        args.global_crops_scale, args.local_crops_scale,
-                                        color_jitter=(0.4, 0.4, 0.4, 0.1), blur_p=(1.0, 0.1, 0.5),
-                                        solarize_p=(0.0, 0.2, 0.0))
+def dino_loss(student_logits, teacher_probs, partners, student_temp):
+    """Mean over (teacher view t, student crop s) pairs of the batch-mean cross-entropy
+    H(teacher_probs[t], softmax(student_logits[s] / T)); inputs crop-major, [n_crops * B, K], [n_global * B, K].
+    With z = logits / T, log softmax(z_s) = z_s - logsumexp(z_s) and sum_k p_t = 1, the sum over pairs is
+    sum_t <p_t, sum_{s paired with t} z_s> - sum_s (pairs of s) * logsumexp(z_s): the student log-probabilities and
+    the per-pair products are never materialised."""
+    n_global, n_crops = partners.shape
+    batch = teacher_probs.shape[0] // n_global
+    z = (student_logits.float() / student_temp).unflatten(0, (n_crops, batch))  # [n_crops, B, K]
+    cross = (teacher_probs.unflatten(0, (n_global, batch)) * torch.einsum("ts,sbk->tbk", partners, z)).sum()
+    normaliser = (partners.sum(0)[:, None] * torch.logsumexp(z, dim=-1)).sum()
+    return (normaliser - cross) / (batch * partners.sum())
 
 
-# -------------------------------------------------------------------------------------- the frozen teacher
-def load_teacher(name_or_path, num_heads=None):
-    """The frozen RoB teacher (backbone + DINO head, eval, no grad) from an official name (downloaded once
-    into the torch.hub cache) or a local file."""
-    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name][0]),
-                              "DINO full checkpoint")
-    return teacher_from_checkpoint(common.load_file(source, "DINO teacher checkpoint"), source, num_heads)
-
-
-def teacher_from_checkpoint(ckpt, source, num_heads=None):
-    """Recognise the checkpoint's format, build the matching backbone and head from its tensors and load
-    them strictly. Accepts DINO full checkpoints and this script's own; refuses the rest with the fix."""
-    official = isinstance(ckpt, dict) and ckpt.get("method") is None and isinstance(ckpt.get("teacher"), dict) \
-        and not any("last_layer2" in k for k in ckpt["teacher"])  # (iBOT's full checkpoints have a patch head)
-    if isinstance(ckpt, dict) and ckpt.get("method") == "rob_dino":  # its EMA teacher (baseline runs) or its student
-        sd = ckpt.get("teacher") or ckpt["student"]
-        backbone = common.recorded_backbone(ckpt, sd, source)
-    elif official:  # a DINO full checkpoint: its teacher network
-        sd = common.strip_prefix(ckpt["teacher"], "module.")
-        arch_name = getattr(ckpt.get("args"), "arch", None)
-        backbone, _ = common.backbone_from_state_dict(common.sub_state_dict(sd, "backbone."), num_heads, arch_name)
-        common.load_strict(backbone, common.sub_state_dict(sd, "backbone."), source, "DINO full checkpoint backbone")
-    else:
-        common.refuse_teacher(ckpt, source, "rob_dino", "its DINO head", URL.format(TEACHERS["dino_vitb16"][0]))
-    head, head_sd = head_from_state_dict(common.sub_state_dict(sd, "head."))
-    common.load_strict(head, head_sd, source, "DINO head")
-    return common.freeze(MultiCropNetwork(backbone, head))
-
-
-def head_from_state_dict(sd):
-    """A DINOHead (or MLPHead) whose sizes are read from its tensors, weight norm folded (a frozen teacher)."""
-    sd = common.fold_weight_norm(sd)
-    if "last_layer.weight" not in sd:  # an MLPHead: 0.weight, [1.*], 3.weight
-        head = MLPHead(sd["0.weight"].shape[1], sd["3.weight"].shape[0], sd["0.weight"].shape[0], "1.weight" in sd)
-        return head, sd
-    linears = sorted(int(k.split(".")[1]) for k in sd if k.startswith("mlp.") and sd[k].ndim == 2)
-    first, last = sd[f"mlp.{linears[0]}.weight"], sd[f"mlp.{linears[-1]}.weight"]
-    head = DINOHead(first.shape[1], sd["last_layer.weight"].shape[0], hidden_dim=first.shape[0],
-                    bottleneck_dim=last.shape[0], nlayers=len(linears),
-                    use_bn=any(k.endswith("running_mean") for k in sd), weight_norm=False)
-    return head, sd
-
-
-def random_teacher(name):
-    """An official teacher architecture with random weights (benchmarks: nothing to download)."""
-    _, backbone_name, patch = TEACHERS[name]
-    backbone, _ = common.build_teacher_backbone(backbone_name, patch_size=patch)
-    return common.freeze(MultiCropNetwork(backbone, DINOHead(common.feature_dim(backbone), 65536, weight_norm=False)))
-
-
-# ------------------------------------------------------------------------------------------- the student
+# ---------------------------------------------------------------------------------------------------- networks
 class DINOHead(nn.Module):
-    """MLP -> L2-normalise -> weight-normalised linear layer to K outputs (the official module names, so that
-    DINO checkpoints load). `weight_norm=False` gives a plain last layer, for a frozen teacher."""
+    """MLP -> L2-normalise -> weight-normalised linear layer to K outputs (the official module names, so that DINO
+    checkpoints load). `weight_norm=False` gives a plain last layer, for a frozen teacher."""
 
     def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3, use_bn=False,
                  norm_last_layer=False, weight_norm=True):
@@ -171,232 +86,465 @@ class DINOHead(nn.Module):
         return self.last_layer(x)  # a frozen teacher keeps this layer in fp32: logits / 0.07 need the precision
 
 
-class MLPHead(nn.Sequential):
-    """--student_head mlp: Linear, BN (convnets), GELU, Linear -> K logits."""
-
-    def __init__(self, in_dim, out_dim, hidden_dim=2048, use_bn=False):
-        super().__init__(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim) if use_bn else nn.Identity(),
-                         nn.GELU(), nn.Linear(hidden_dim, out_dim))
-
-
-class MultiCropNetwork(nn.Module):
-    """Backbone + head over a list of crops: one backbone pass per run of same-sized crops (the globals
-    together, the locals together), one head pass over all features. Returns [n_crops * B, K], crop-major."""
-
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, crops):
-        same_size_runs = itertools.groupby(crops, key=lambda crop: crop.shape[-1])
-        features = [self.backbone(torch.cat(list(run))) for _, run in same_size_runs]
-        return self.head(torch.cat(features))
-
-
-def out_features(head):
-    return head.last_layer.out_features if isinstance(head, DINOHead) else head[-1].out_features
-
-
 def build_student(args, teacher=None):
-    """A fresh backbone + a head with the teacher's K outputs (--out_dim for the baseline), widths from the
-    flags. Returns (network, arch)."""
-    common.seed_everything(common.mix_seed(args.seed, 0))  # the same init in every process, RoB or plain
+    """A fresh backbone (drawn from the torch RNG) + a head with the teacher's K outputs (--out_dim for the
+    baseline), widths from the flags. Returns (network, arch)."""
     drop_path = args.drop_path_rate if args.drop_path_rate is not None else \
         0.1 if common.is_vit_name(args.student) else 0.0  # ViTs 0.1 (the reference's ViT-S), convnets 0
-    backbone, dim, arch = common.build_student(args.student, args.global_crops_size, args.patch_size, drop_path)
-    out_dim = args.out_dim if teacher is None else out_features(teacher.head)
-    if args.student_head == "dino":
-        head = DINOHead(dim, out_dim, args.hidden_dim, args.bottleneck_dim, norm_last_layer=teacher is None)
-    else:
-        head = MLPHead(dim, out_dim, args.hidden_dim, use_bn=not common.is_vit(backbone))
-    return MultiCropNetwork(backbone, head), arch
+    backbone, dim, arch = common.student_backbone(args.student, args.global_crops_size, args.patch_size, drop_path)
+    out_dim = args.out_dim if teacher is None else teacher.head.last_layer.out_features
+    head = DINOHead(dim, out_dim, args.hidden_dim, args.bottleneck_dim, norm_last_layer=teacher is None)
+    return common.MultiCropNetwork(backbone, head), arch
 
 
-# ---------------------------------------------------------------------------------- the RoB target and loss
-def teacher_probs(teacher_logits, temp, center=None):
-    """The RoB seam: the frozen teacher's logits become the target distribution softmax(logits / 0.07).
-    (The plain-DINO baseline subtracts its running centre first.)"""
-    logits = teacher_logits.float() if center is None else teacher_logits.float() - center
-    return F.softmax(logits / temp, dim=-1)
+def load_teacher(name_or_path, num_heads=None):
+    """The frozen RoB teacher (backbone + DINO head) from an official name (downloaded once into the torch.hub cache),
+    a DINO full checkpoint or a checkpoint.pth of this script."""
+    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name][0]),
+                              "DINO full checkpoint")
+    return teacher_from_checkpoint(common.load_file(source, "DINO teacher checkpoint"), source, num_heads)
 
 
-def view_pairs(n_global, n_crops, swapped):
-    """partners[t, s] = 1 where teacher view t supervises student crop s. Same-view: view i -> student crop i
-    and every local crop. Swapped (DINO's): view i -> every student crop except i."""
-    t, s = torch.arange(n_global)[:, None], torch.arange(n_crops)[None, :]
-    return ((s != t) if swapped else (s == t) | (s >= n_global)).float()
+def teacher_from_checkpoint(ckpt, source, num_heads=None):
+    backbone, sd, _ = common.teacher_parts(ckpt, source, METHOD, URL.format(TEACHERS["dino_vitb16"][0]), num_heads)
+    sd = common.fold_weight_norm(sd)  # a frozen teacher's plain last layer
+    mlp = common.mlp_sizes(common.sub_state_dict(sd, "mlp."))
+    head = DINOHead(mlp["in_dim"], sd["last_layer.weight"].shape[0], mlp["hidden_dim"], mlp["out_dim"], mlp["nlayers"],
+                    mlp["use_bn"], weight_norm=False)
+    common.load_strict(head, sd, source, "DINO head")
+    return common.freeze(common.MultiCropNetwork(backbone, head))
 
 
-def dino_loss(student_logits, teacher_probs, partners, student_temp):
-    """Mean over (teacher view t, student crop s) pairs of the batch-mean cross-entropy
-    H(teacher_probs[t], softmax(student_logits[s] / T)); inputs crop-major, [n_crops * B, K], [n_global * B, K].
-    With z = logits / T, log softmax(z_s) = z_s - logsumexp(z_s) and sum_k p_t = 1, the sum over pairs is
-    sum_t <p_t, sum_{s paired with t} z_s> - sum_s (pairs of s) * logsumexp(z_s): the student log-probabilities
-    and the per-pair products are never materialised."""
-    n_global, n_crops = partners.shape
-    batch = teacher_probs.shape[0] // n_global
-    z = (student_logits.float() / student_temp).unflatten(0, (n_crops, batch))  # [n_crops, B, K]
-    cross = (teacher_probs.unflatten(0, (n_global, batch)) * torch.einsum("ts,sbk->tbk", partners, z)).sum()
-    normaliser = (partners.sum(0)[:, None] * torch.logsumexp(z, dim=-1)).sum()
-    return (normaliser - cross) / (batch * partners.sum())
+# ------------------------------------------------------------------------ the plain-DINO baseline (--teacher ema)
+class PlainDINO:
+    """What plain DINO adds to the student branch, none of which RoB needs: the teacher is an EMA of the student
+    (momentum cosine from 0.996 to 1), its logits are centred (running mean over the global batch) and sharpened at
+    a temperature warmed up from 0.04, the last layer is frozen for the first epoch and each gradient tensor is
+    clipped at 3."""
 
-
-# -------------------------------------------------------------------- the plain-DINO baseline (--teacher ema)
-class PlainDINO(nn.Module):
-    """What plain DINO adds to the student branch, none of which RoB needs: the teacher is an EMA of the
-    student (momentum cosine from 0.996 to 1), its logits are centred (running mean over the global batch) and
-    sharpened at a temperature warmed up from 0.04, the last layer is frozen for the first epoch and each
-    gradient tensor is clipped. A module, so that its state (teacher, centre) is checkpointed as one."""
-
-    def __init__(self, student, arch, args, iters_per_epoch):
-        super().__init__()
+    def __init__(self, student, arch, args, iters_per_epoch, device):
         teacher_arch = {**arch, "kwargs": {**arch["kwargs"], "drop_path_rate": 0.0}}  # no drop-path
-        self.teacher = MultiCropNetwork(common.create_backbone(teacher_arch), copy.deepcopy(student.head))
-        self.teacher.load_state_dict(student.state_dict())  # after DDP's broadcast: rank 0's weights everywhere
-        self.teacher = training.sync_batchnorm(self.teacher.requires_grad_(False))
-        self.register_buffer("center", torch.zeros(1, out_features(student.head)))
+        self.teacher = common.MultiCropNetwork(common.create_backbone(teacher_arch), copy.deepcopy(student.head))
+        self.teacher.load_state_dict(student.state_dict())
+        self.teacher = common.sync_batchnorm(self.teacher.requires_grad_(False)).to(device)
+        self.center = Center(student.head.last_layer.out_features, args.center_momentum).to(device)
         self.args, self.iters_per_epoch = args, iters_per_epoch
-        self.momentum = training.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
+        self.momentum = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
         warmup = min(args.warmup_teacher_temp_epochs, args.epochs)
         self.temps = [args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * min(e / warmup, 1)
                       if warmup else args.teacher_temp for e in range(args.epochs)]
 
-    def targets(self, teacher_logits, it):
-        return teacher_probs(teacher_logits, self.temps[it // self.iters_per_epoch], self.center)
+    def targets(self, teacher_logits, step):
+        return teacher_probs(teacher_logits, self.temps[step // self.iters_per_epoch], self.center.center)
 
-    def before_optimizer_step(self, student, it):
-        if self.args.clip_grad != 0:
-            clip_gradients_per_tensor(student.parameters(), 3.0 if self.args.clip_grad is None else self.args.clip_grad)
-        if it // self.iters_per_epoch < self.args.freeze_last_layer:
+    def before_optimizer_step(self, student, step):
+        clip_gradients_per_tensor(student.parameters(), 3.0 if self.args.clip_grad is None else self.args.clip_grad)
+        if step // self.iters_per_epoch < self.args.freeze_last_layer:
             for p in student.head.last_layer.parameters():
                 p.grad = None
 
     @torch.no_grad()
-    def after_optimizer_step(self, student, teacher_logits, it):
+    def after_optimizer_step(self, student, teacher_logits, step):
         """teacher <- m * teacher + (1 - m) * student; centre <- c * centre + (1 - c) * mean teacher logits."""
-        torch._foreach_lerp_(list(self.teacher.parameters()), list(student.parameters()), 1 - self.momentum[it])
-        batch_center = common.all_reduce_mean(teacher_logits.float().mean(0, keepdim=True))
-        self.center.mul_(self.args.center_momentum).add_(batch_center, alpha=1 - self.args.center_momentum)
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(student.parameters()), 1 - self.momentum[step])
+        self.center.update(teacher_logits)
 
-    def checkpoint_state(self):  # the layout of the teacher loader and of eval_linear --checkpoint_key teacher
-        return dict(teacher=self.teacher.state_dict(), center={"center": self.center})
 
-    def load_checkpoint_state(self, ckpt):
-        self.teacher.load_state_dict(ckpt["teacher"])
-        self.center.copy_(ckpt["center"]["center"])
+class Center(nn.Module):
+    """A running mean of the teacher's logits over the global batch, subtracted before the softmax."""
+
+    def __init__(self, dim, momentum):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def update(self, logits):
+        batch_center = common.all_reduce_mean(logits.float().mean(0, keepdim=True))
+        self.center.mul_(self.momentum).add_(batch_center, alpha=1 - self.momentum)
 
 
 @torch.no_grad()
 def clip_gradients_per_tensor(params, max_norm):
-    """Scale each parameter's gradient down to a norm of at most max_norm, tensor by tensor (DINO's clipping)."""
+    """Scale each gradient tensor down to a norm of at most max_norm (DINO's per-tensor clipping; 0: off)."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    if max_norm:
+        norms = torch._foreach_norm(grads)
+        torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
 
 
-# ------------------------------------------------------------------------------------------------ training
-def build(args, device, iters_per_epoch, student, arch, teacher=None):
-    """Everything a training step needs, as one namespace: the student (and its DDP wrapper), the frozen
-    teacher (RoB) or the plain-DINO pieces (no teacher: --teacher ema), the pairing, the optimiser and the
-    schedules."""
-    plain = teacher is None
-    run = training.setup_run(args, device, iters_per_epoch, student.to(device), arch, "rob_dino")
-    run.plain = PlainDINO(student, arch, args, iters_per_epoch).to(device) if plain else None
-    run.teacher = run.plain.teacher if plain else \
-        training.place_teacher(teacher, device, run, [teacher.backbone, getattr(teacher.head, "mlp", teacher.head)])
-    training.check_patch(run.teacher.backbone, args.global_crops_size)
-    if args.compile:  # in place, so that checkpoints keep their keys; ViTs per block (fast to compile)
-        for network in (student, run.teacher):
-            training.compile_model(network.backbone)
-            network.head.compile()
+# --------------------------------------------------------------------------------------------- the training step
+def build_run(args, device, data, student, arch, teacher=None):
+    """Everything a step reads, built here once: new_run()'s fields (args, device, precision, student, ddp,
+    optimiser, schedules...) and RoB-DINO's own: `data`, `teacher` (frozen, or plain DINO's EMA), `plain` (PlainDINO,
+    or None for RoB), `partners` (the pairing), `loss_fn` (compiled with --compile), and `saved`, the method's state
+    saved with the student (the baseline's EMA teacher and centre)."""
+    run = new_run(args, device, student, arch, len(data.loader))
+    plain = PlainDINO(run.student, arch, args, run.iters_per_epoch, device) if teacher is None else None
+    if teacher is not None:
+        teacher = common.place_teacher(teacher, device, run.teacher_dtype, [teacher.backbone, teacher.head.mlp])
+    run.data, run.plain, run.teacher = data, plain, teacher if teacher is not None else plain.teacher
+    common.check_patch(run.teacher.backbone, args.global_crops_size)
+    if args.compile:
+        common.compile_network(run.student)
+        common.compile_network(run.teacher)
     run.loss_fn = torch.compile(dino_loss) if args.compile else dino_loss
-    run.partners = view_pairs(2, 2 + args.local_crops_number, swapped=args.swapped or plain).to(device)
-    run.clip_grad = 0.0 if plain else args.clip_grad or 0.0  # the baseline clips per tensor (PlainDINO)
-    common.log(f"student {args.student}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
-               f"head -> {out_features(student.head)}; teacher: {args.teacher}")
+    run.partners = view_partners(2, 2 + args.local_crops_number, swapped=args.swapped or plain is not None).to(device)
+    run.saved = {} if plain is None else dict(teacher=plain.teacher, center=plain.center)
     return run
 
 
-def teacher_forward(run, crops):
-    """Teacher logits [2 * B, K] of the global crops (frozen teacher in its storage dtype; EMA teacher autocast)."""
-    with torch.no_grad(), torch.autocast(run.device.type, run.amp_dtype, enabled=run.plain is not None and run.amp):
-        return run.teacher([c.to(run.teacher_dtype) for c in crops[:2]])
-
-
-def train_step(run, crops, it):
-    """One optimisation step on a batch (list of crops, globals first); returns the loss, a 1-element tensor."""
-    training.start_step(run, it)  # lr, weight decay, and a seed per step for drop-path (exact resume)
-    teacher_logits = run.side_stream.start(teacher_forward, run, crops)  # concurrent with the student on a GPU
-    with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp):
-        student_logits = run.student_ddp(crops)
-    teacher_logits = run.side_stream.join(teacher_logits)
+def train_step(run, batch, indices, step):
+    """One optimisation step on a loader batch; returns {"train_loss": the loss}."""
+    crops = common.crops_on_device(run.data, batch, indices, run.device, step, not common.is_vit(run.student.backbone))
+    with torch.no_grad(), torch.autocast(run.device.type, torch.bfloat16, enabled=run.plain is not None and run.amp):
+        teacher_logits = run.teacher([c.to(run.teacher_dtype) for c in crops[:2]])  # [2 * B, K]
+    with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+        student_logits = run.ddp(crops)  # [n_crops * B, K]
     if run.plain is None:
         targets = teacher_probs(teacher_logits, run.args.teacher_temp)
     else:
-        targets = run.plain.targets(teacher_logits, it)
+        targets = run.plain.targets(teacher_logits, step)
     loss = run.loss_fn(student_logits, targets, run.partners, run.args.student_temp)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)
-    if run.clip_grad:
-        nn.utils.clip_grad_norm_(run.student.parameters(), run.clip_grad, foreach=True)
+    loss.backward()
+    if run.plain is None and run.args.clip_grad:
+        nn.utils.clip_grad_norm_(run.student.parameters(), run.args.clip_grad, foreach=True)
     if run.plain is not None:
-        run.plain.before_optimizer_step(run.student, it)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+        run.plain.before_optimizer_step(run.student, step)
+    run.optimizer.step()
     if run.plain is not None:
-        run.plain.after_optimizer_step(run.student, teacher_logits, it)
-    return loss.detach()[None]
+        run.plain.after_optimizer_step(run.student, teacher_logits, step)
+    return {"train_loss": loss}
 
 
-def train_one_epoch(run, data, epoch, step, stop):
-    """The steps of `epoch` from `step` (mid-epoch after a resume) to its end or to a stop request (Ctrl-C,
-    SIGTERM), then a checkpoint. Loss values are read one step late (the host never waits for the GPU).
-    Returns (step, whether to stop)."""
-    first = step - epoch * run.iters_per_epoch
-    data.sampler.set_epoch(epoch, start_batch=first)
-    stats, start, stopping = training.StepStats(["train_loss"]), time.time(), False
-    progress = tqdm(data.loader, desc=f"epoch {epoch}", initial=first, total=run.iters_per_epoch,
-                    disable=not common.is_main_process(), dynamic_ncols=True)
-    for batch, indices in progress:
-        crops = training.crops_on_device(batch, indices, data.dataset, data.augmentation, run.args, run.device, step,
-                                         channels_last=not common.is_vit(run.student.backbone))
-        done = stats.push(train_step(run, crops, step), stop.requested, step)
-        step += 1
-        if done:
-            progress.set_postfix(loss=f"{done[0][0]:.4f}", lr=f"{run.lr_schedule[step - 1]:.2e}")
-            if done[1]:  # every process sees the same votes: all stop after this same step
-                stopping = True
-                break
-    done = stats.flush()
-    stopping = stopping or (done is not None and done[1])
-    networks = [run.student] + ([run.plain] if run.plain is not None else [])
-    training.check_state(networks, run.optimizer, probe=lambda: run.student(crops))
-    training.save_run(run, data, step, stats, time.time() - start,
-                      run.plain.checkpoint_state() if run.plain is not None else {})
-    return step, stopping
+# ------------------------------------------------------------------------------------------ flags and main()
+def get_args_parser():
+    parser = argparse.ArgumentParser("RoB-DINO", add_help=False)
+    group = parser.add_argument_group("model")
+    group.add_argument("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base, resnet18, resnet34, "
+                       "resnet50, mobilenet_v3, vit_nano, vit_pico (small images) or any timm name.")
+    group.add_argument("--teacher", default="dino_vitb16", help=f"{', '.join(TEACHERS)}; a local DINO full "
+                       "checkpoint (backbone + head); a checkpoint.pth of this script (a RoB-DINO student or a "
+                       "--teacher ema run teaches the next student); or 'ema' for the plain-DINO baseline.")
+    group.add_argument("--hidden_dim", type=int, default=2048, help="Student head hidden width.")
+    group.add_argument("--bottleneck_dim", type=int, default=256, help="Student DINO head bottleneck width.")
+    group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (default: the model's "
+                       "own, 16); small images want small patches (7 at 28 px).")
+    group.add_argument("--drop_path_rate", type=float, default=None, help="Student stochastic depth (default 0.1 "
+                       "for ViTs, as the reference's ViT-S, 0 for convnets).")
+    group = parser.add_argument_group("temperatures and pairing")
+    group.add_argument("--teacher_temp", type=float, default=0.07, help="Teacher softmax temperature.")
+    group.add_argument("--student_temp", type=float, default=0.1, help="Student softmax temperature.")
+    group.add_argument("--swapped", action="store_true", help="DINO's cross-view pairing (teacher view i -> every "
+                       "student crop but i). Default: same-view pairing (teacher view i -> student view i and every "
+                       "local crop). Always on with --teacher ema.")
+    group = parser.add_argument_group("plain-DINO baseline (--teacher ema only)")
+    group.add_argument("--out_dim", type=int, default=65536, help="Prototypes K of the DINO head (RoB: the teacher's).")
+    group.add_argument("--momentum_teacher", type=float, default=0.996, help="EMA momentum, cosine to 1.")
+    group.add_argument("--warmup_teacher_temp", type=float, default=0.04, help="Teacher temperature at the start, "
+                       "raised linearly to --teacher_temp.")
+    group.add_argument("--warmup_teacher_temp_epochs", type=int, default=30, help="Length of that warm-up.")
+    group.add_argument("--center_momentum", type=float, default=0.9, help="EMA momentum of the teacher centre.")
+    group.add_argument("--freeze_last_layer", type=int, default=1, help="Epochs with the last head layer frozen.")
+    add_run_args(parser)  # optimisation, multi-crop, data and runtime; RoB-DINO's defaults:
+    parser.set_defaults(epochs=300, lr=5e-4, clip_grad=None, local_crops_number=8, global_crops_scale=(0.25, 1.0),
+                        local_crops_scale=(0.05, 0.25))  # clip_grad None: off for RoB, 3 per tensor for the baseline
+    return parser
+
+
+def check_args(args):
+    check_flags(args, positive=["teacher_temp", "student_temp", "warmup_teacher_temp", "out_dim", "hidden_dim",
+                                "bottleneck_dim"],
+                non_negative=["warmup_teacher_temp_epochs", "freeze_last_layer"],
+                fractions=["drop_path_rate", "momentum_teacher", "center_momentum"])
+
+
+def build_augmentation(args):
+    """DINO's multi-crop augmentation, as the reference RoB configs set it: 2 global crops (teacher and student), the
+    local crops (student only), colour jitter (0.4, 0.4, 0.4, 0.1), blur p 1 / 0.1 / 0.5 and solarisation p 0 / 0.2 /
+    0 for global crop 1 / global crop 2 / locals, bicubic."""
+    return common.MultiCropAugmentation(args.global_crops_size, args.local_crops_size, 2, args.local_crops_number,
+                                        args.global_crops_scale, args.local_crops_scale,
+                                        color_jitter=(0.4, 0.4, 0.4, 0.1), blur_p=(1.0, 0.1, 0.5),
+                                        solarize_p=(0.0, 0.2, 0.0))
 
 
 def main(args):
     check_args(args)
-    rank, world_size, device = common.init_distributed()
-    data = training.build_training_data(args, build_augmentation(args))
-    teacher = None if args.teacher == "ema" else load_teacher(args.teacher)
-    student, arch = build_student(args, teacher)
-    run = build(args, device, len(data.loader), student, arch, teacher)
-    with training.OutputDir(args.output_dir) as output_dir:
-        ckpt = training.resume(run, data, output_dir, "rob_dino")
-        if ckpt is not None and run.plain is not None:
-            run.plain.load_checkpoint_state(ckpt)
-        stop, step = training.StopRequest(), run.start_step
-        for epoch in range(step // run.iters_per_epoch, args.epochs):
-            step, stopping = train_one_epoch(run, data, epoch, step, stop)
-            if stopping:
-                common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
-                return stop.exit_code()
-        training.finish(output_dir, run.student.backbone, run.arch)
+    device = common.init_distributed()
+    with locked_output_dir(args.output_dir) as output_dir:  # locked before any expensive work
+        data = common.training_data(args.data_path, build_augmentation(args), args.batch_size_per_gpu,
+                                    args.num_workers, args.seed, args.subset, args.gpu_augment)
+        teacher = None if args.teacher == "ema" else load_teacher(args.teacher)
+        torch.manual_seed(common.mix_seed(args.seed, 0))  # the same initial student in every process, RoB or plain
+        student, arch = build_student(args, teacher)
+        run = build_run(args, device, data, student, arch, teacher)
+        return train(run, data, output_dir, train_step)
+
+
+# ======================================================================================================================
+# Run machinery, the same text in the four rob_*.py files (tests/test_copies.py keeps it so): nothing of the method.
+# ======================================================================================================================
+def add_run_args(parser):
+    """The flags of every script, with generic defaults (a method sets its own with parser.set_defaults)."""
+    group = parser.add_argument_group("optimisation and multi-crop")
+    group.add_argument("--epochs", type=int, default=100)
+    group.add_argument("--batch_size_per_gpu", type=int, default=64, help="Global batch = this x processes.")
+    group.add_argument("--lr", type=float, default=5e-4, help="Peak lr at a global batch of 256, scaled linearly.")
+    group.add_argument("--min_lr", type=float, default=1e-5, help="lr at the end of the cosine.")
+    group.add_argument("--warmup_epochs", type=int, default=10, help="Linear lr warm-up.")
+    group.add_argument("--weight_decay", type=float, default=0.04, help="Initial weight decay (none on biases, norms).")
+    group.add_argument("--weight_decay_end", type=float, default=0.4, help="Final weight decay (cosine).")
+    group.add_argument("--clip_grad", type=float, default=0.0, help="Clip the global gradient norm (0: off).")
+    group.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.25, 1.0), help="Area fractions.")
+    group.add_argument("--local_crops_number", type=int, default=8, help="Small crops (student only).")
+    group.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.25), help="Area fractions.")
+    group.add_argument("--global_crops_size", type=int, default=224)
+    group.add_argument("--local_crops_size", type=int, default=96)
+    group = parser.add_argument_group("data, output and runtime")
+    group.add_argument("--data_path", help="Required: an ImageFolder folder, 'fashion-mnist' or 'synthetic'.")
+    group.add_argument("--subset", type=int, default=0, help="Train on a seeded random subset of this many images.")
+    group.add_argument("--output_dir", default="output", help="Checkpoints, log.txt, the exported student.")
+    group.add_argument("--saveckp_freq", type=int, default=20, help="Also keep checkpointNNNN.pth every N epochs.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--num_workers", type=int, default=10, help="Data loader processes per GPU.")
+    group.add_argument("--gpu_augment", action="store_true", help="Decode JPEGs and augment in batches on the device.")
+    group.add_argument("--precision", choices=["bf16", "fp32"], help="Autocast dtype (default bf16 on GPU).")
+    group.add_argument("--compile", action="store_true", help="torch.compile student and teacher (ViTs per block).")
+
+
+def check_flags(args, positive=(), non_negative=(), fractions=()):
+    """One line naming the flag for a value out of range: the shared flags and a method's own lists."""
+    positive = ("epochs", "batch_size_per_gpu", "global_crops_size", "local_crops_size", *positive)
+    non_negative = ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "subset",
+                    "local_crops_number", "num_workers", "saveckp_freq", *non_negative)
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fractions, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            values = getattr(args, name)
+            values = [] if values is None else values if isinstance(values, (list, tuple)) else [values]
+            if not all(ok(v) for v in values):
+                raise common.UserError(f"--{name} {' '.join(map(str, values))}: must be {rule}")
+    for low, high, name in [(*args.global_crops_scale, "global"), (*args.local_crops_scale, "local")]:
+        if not 0 < low <= high <= 1:
+            raise common.UserError(f"--{name}_crops_scale {low} {high}: give 0 < low <= high <= 1 (area fractions)")
+    if args.warmup_epochs >= args.epochs:
+        raise common.UserError(f"--warmup_epochs {args.warmup_epochs} leaves nothing of a {args.epochs}-epoch run")
+    if args.data_path is None:
+        raise common.UserError("--data_path is required: a folder of images, 'fashion-mnist' or 'synthetic'")
+
+
+def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
+    """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
+    the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
+    256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
+    amp = device.type == "cuda" and args.precision != "fp32"
+    student, ddp = common.place_student(student, device)
+    global_batch = args.batch_size_per_gpu * common.get_world_size()
+    return SimpleNamespace(
+        args=args, device=device, amp=amp, teacher_dtype=torch.bfloat16 if amp else torch.float32, student=student,
+        ddp=ddp, arch=arch, iters_per_epoch=iters_per_epoch, global_batch=global_batch, step=0,
+        optimizer=optimizer or torch.optim.AdamW(param_groups(student), fused=device.type == "cuda"),
+        lr_schedule=cosine_schedule(args.lr * global_batch / 256, args.min_lr if min_lr is None else min_lr,
+                                    args.epochs, iters_per_epoch, args.warmup_epochs, warmup_start),
+        wd_schedule=cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch))
+
+
+def param_groups(model):
+    """AdamW groups: weight decay on weight matrices and kernels only (the first group's follows the schedule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
+    """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
+    if warmup_epochs >= epochs:
+        raise common.UserError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
+                               "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
+    warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
+    steps = epochs * iters_per_epoch - len(warmup)
+    cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
+    return torch.cat([warmup, cosine]).tolist()
+
+
+def train(run, data, output_dir, train_step):
+    """Resume the run if output_dir holds one, train to the end of --epochs, saving after every epoch and when SIGTERM,
+    SIGINT or SIGUSR1 ask to stop (a second Ctrl-C stops at once). Returns the exit code: 0, or 128 + the signal."""
+    args, stop = run.args, []
+    common.log(f"{METHOD}: student {args.student} ({sum(p.numel() for p in run.student.parameters()) / 1e6:.1f}M "
+               f"parameters) <- teacher {args.teacher}; {len(data.dataset)} images from {args.data_path}, "
+               f"{run.iters_per_epoch} steps x {args.epochs} epochs; output in {output_dir}")
+    resume(run, data, output_dir)
+
+    def request_stop(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+    step = run.step
+    for epoch in range(step // run.iters_per_epoch, args.epochs):
+        data.sampler.set_epoch(epoch, start_batch=step - epoch * run.iters_per_epoch)  # mid-epoch after a resume
+        logged, stopping, start = [], False, time.time()
+        progress = tqdm(data.loader, desc=f"epoch {epoch}", initial=step - epoch * run.iters_per_epoch,
+                        total=run.iters_per_epoch, disable=common.get_rank() != 0, dynamic_ncols=True)
+        for batch, indices in progress:
+            for i, group in enumerate(run.optimizer.param_groups):  # the step's lr and weight decay (first group)
+                group.update(lr=run.lr_schedule[step], **({"weight_decay": run.wd_schedule[step]} if i == 0 else {}))
+            torch.manual_seed(common.mix_seed(args.seed, common.get_rank(), step))  # drop-path, token drops: resumable
+            terms = train_step(run, batch, indices, step)  # name -> 0-d tensor, read with every process's stop vote
+            values = torch.stack([*terms.values(), terms["train_loss"].new_tensor(float(bool(stop)))]).detach().float()
+            *values, votes = common.all_reduce_mean(values).tolist()
+            if not math.isfinite(values[0]):
+                raise FloatingPointError(f"non-finite loss {values[0]} at step {step}; stopping without saving. Lower "
+                                         "--lr, raise --warmup_epochs or use --precision fp32.")
+            logged, step, stopping = logged + [dict(zip(terms, values))], step + 1, votes > 0
+            progress.set_postfix({**{k: f"{v:.4f}" for k, v in logged[-1].items()}, "lr": run.lr_schedule[step - 1]})
+            if stopping:  # every process read the same votes: all stop after the same step
+                break
+        save(run, data, output_dir, step, logged, time.time() - start)
+        if stopping:
+            common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+            return 128 + (stop[0] if stop else signal.SIGTERM)  # a process stopped by another's vote: as by SIGTERM
+    if common.get_rank() == 0:  # exported again: a finished run rerun after its export was lost has it back
+        call = common.export_timm(run.student.backbone, run.arch, output_dir / "student_timm.pth")
+        common.log(f"done; student backbone for timm: {call}")
     return 0
 
 
+@contextlib.contextmanager
+def locked_output_dir(path):
+    """--output_dir for the life of a run (rank 0): created, locked so that a second run on it stops at once, cleared
+    of killed runs' temporary files; removed again if this run created it and failed before writing to it."""
+    path, created = Path(path), not Path(path).exists()
+    if common.get_rank() != 0:
+        yield path
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = open(path / ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
+    except OSError as err:
+        raise common.UserError(f"--output_dir {path} is in use by another run: wait for it to end or use another one"
+                               if isinstance(err, BlockingIOError) else f"cannot create or write --output_dir {path} "
+                               f"({err.strerror}): choose another folder") from None
+    with lock:
+        for stale in path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        try:
+            yield path
+        except BaseException:
+            if created and [p.name for p in path.iterdir()] == [".lock"]:
+                (path / ".lock").unlink()
+                path.rmdir()
+            raise
+
+
+RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp_freq", "epochs", "precision"}
+
+
+def resume(run, data, output_dir):
+    """Continue from output_dir/checkpoint.pth if there is one; refused, with the differences, if another script
+    wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), global batch or steps per epoch. A longer
+    --epochs is allowed: the schedules are those of the new length."""
+    path, args = output_dir / "checkpoint.pth", run.args
+    if not path.is_file():
+        return
+    ckpt = common.load_file(path, "resume checkpoint")
+    if ckpt.get("method") != METHOD:
+
+        raise common.UserError(f"{path} was written by {ckpt.get('method', 'another program')}, not {METHOD}.py: use "
+                               "another --output_dir.")
+    now = {**vars(args), "global_batch": run.global_batch, "iters_per_epoch": run.iters_per_epoch}
+    saved = {**ckpt["args"], "global_batch": ckpt["global_batch"], "iters_per_epoch": ckpt["iters_per_epoch"]}
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and k not in RESUMABLE_FLAGS
+               and (list(v) if isinstance(v, tuple) else v) != (list(saved[k]) if isinstance(saved[k], tuple) else
+                                                                 saved[k])]
+    if changed:
+        raise common.UserError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): rerun with the "
+                               "original flags, or use another --output_dir")
+    if args.epochs < ckpt["epoch"]:
+        raise common.UserError(f"--epochs {args.epochs}: this run has already done {ckpt['epoch']} epochs")
+    if args.epochs != saved["epochs"]:
+        common.log(f"--epochs {saved['epochs']} -> {args.epochs}: the schedules are recomputed for {args.epochs} "
+                   f"epochs and the run continues from step {ckpt['step']} on them")
+    run.student.load_state_dict(ckpt["student"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    for name, module in run.saved.items():
+        module.load_state_dict(ckpt[name])
+    data.dataset.unreadable[ckpt["unreadable"]] = True
+    run.step = ckpt["step"]
+    common.log(f"resumed from {path} at step {run.step} (epoch {ckpt['epoch']})")
+
+
+@torch.no_grad()
+def save(run, data, output_dir, step, values, seconds):
+    """Save the run at `step` once every process has checked it: nothing is saved (FloatingPointError) unless every
+    tensor of the student, the method's state and the optimiser is finite, and the student's outputs on a fixed input
+    (weights can be finite yet too large to use). Rank 0 writes each file through a temporary file and a rename: the
+    timm export; at an epoch's end its line of log.txt and every --saveckp_freq epochs a numbered copy; last
+    checkpoint.pth, the resume point. A kill at any moment leaves files that the same command resumes from."""
+    tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
+    tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
+                if torch.is_tensor(t) and t.is_floating_point()]
+    size = run.args.global_crops_size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(run.device)
+    outputs = run.student.eval()([probe])
+    run.student.train()
+    tensors += [outputs] if torch.is_tensor(outputs) else list(outputs)
+    if common.all_reduce_mean(torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()).item() < 1:
+        raise FloatingPointError("non-finite weights, optimiser state or outputs after the last step; stopping "
+                                 "without saving. Lower --lr, raise --warmup_epochs or use --precision fp32.")
+    if common.get_rank() != 0:
+        return
+    epoch = step // run.iters_per_epoch
+    state = dict(method=METHOD, arch=run.arch, args=vars(run.args), step=step, epoch=epoch,
+                 global_batch=run.global_batch, iters_per_epoch=run.iters_per_epoch, student=run.student.state_dict(),
+                 optimizer=run.optimizer.state_dict(), unreadable=data.dataset.unreadable.nonzero()[:, 0].tolist(),
+                 **{name: module.state_dict() for name, module in run.saved.items()})
+    common.export_timm(run.student.backbone, run.arch, output_dir / "student_timm.pth")
+    if step % run.iters_per_epoch == 0:
+        record = dict(epoch=epoch - 1, step=step, **{k: sum(v[k] for v in values) / len(values) for k in values[0]},
+                      lr=run.lr_schedule[step - 1], wd=run.wd_schedule[step - 1], images_per_s=len(values) *
+                      run.global_batch / seconds, skipped_images=data.dataset.num_skipped,
+                      time=str(datetime.timedelta(seconds=int(seconds))))
+        lines = (output_dir / "log.txt").read_text().splitlines() if (output_dir / "log.txt").exists() else []
+        if not lines or json.loads(lines[-1])["epoch"] != record["epoch"]:  # an epoch redone after a kill: logged once
+            with open(output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if run.args.saveckp_freq and epoch % run.args.saveckp_freq == 0:
+            common.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
+    common.save_atomic(state, output_dir / "checkpoint.pth")
+
+
+def run_main():
+    """The entry point. Exit codes: 0 done; 2 a user error (one line on stderr; ROB_DEBUG=1 shows the traceback); 3
+    training diverged (non-finite loss or weights; nothing was saved); 128 + N stopped by signal N after saving a
+    checkpoint to resume from (SIGTERM 143, Ctrl-C 130, SIGUSR1 138)."""
+    code = 0
+    try:
+        code = main(argparse.ArgumentParser(parents=[get_args_parser()],
+                                            formatter_class=argparse.ArgumentDefaultsHelpFormatter).parse_args())
+    except (common.UserError, FloatingPointError) as err:
+        if os.environ.get("ROB_DEBUG"):
+            raise
+        rank = f"[rank {common.get_rank()}] " if common.get_world_size() > 1 else ""
+        print(f"{Path(sys.argv[0]).name}: {rank}error: {err}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(err, common.UserError) else 3
+    except KeyboardInterrupt:  # Ctrl-C before training started, or twice
+        code = 128 + signal.SIGINT
+    finally:
+        if dist.is_initialized():  # an open process group can abort the interpreter at exit
+            dist.destroy_process_group()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # loader workers ignore SIGTERM: stop them here, quietly
+        for child in multiprocessing.active_children():
+            child.kill()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    training.run_main(main, argparse.ArgumentParser("RoB-DINO", parents=[get_args_parser()]))
+    run_main()

@@ -1,41 +1,35 @@
-"""RoB-MSN: train a small network by distillation from a frozen, pretrained MSN model.
+"""RoB-MSN: train a small network by distillation from a frozen, pretrained MSN model. Runs with common.py beside it.
 
-MSN (Masked Siamese Networks) trains an anchor branch that sees masked views (a random part of the patch tokens
-dropped) to predict, over learned prototypes, the soft assignment that an EMA target encoder gives to an unmasked
-view of the same image. RoB ("Replace one Branch") replaces the target branch by a released MSN target encoder
-(ViT + projection MLP + 1024 prototypes), frozen: the target is softmax(cos(projection, prototypes) / 0.025), with
-no Sinkhorn, no me-max and no EMA. The student, a fresh ViT-Tiny / ResNet-18 / ..., is a backbone + MLP [d, 2048,
-K] whose K logits predict that target (cross-entropy at temperature 0.1) from the same global crops, with 10-15 %
-of their patch tokens dropped (ViTs), and from the local crops. RoB-MSN students are the strong ones with few
-labels: evaluate them with eval_linear.py --low_shot.
+MSN (Masked Siamese Networks) trains an anchor branch that sees masked views (part of the patch tokens dropped) to
+predict, over learned prototypes, the soft assignment an EMA target encoder gives an unmasked view. RoB ("Replace one
+Branch") replaces the target branch by a released MSN target encoder (ViT + projection + 1024 prototypes), frozen:
+the target is softmax(cos(projection, prototypes) / 0.025), without Sinkhorn, me-max or EMA. The student, a fresh
+ViT-Tiny / ResNet-18 / ..., predicts it through two linear layers from the same global crops (10-15 % of a ViT's
+patch tokens dropped) and the local crops. RoB-MSN students are strong with few labels (eval_linear.py --low_shot).
 
-    torchrun --nproc_per_node=8 rob_msn.py --student vit_small --teacher msn_vitl16 --data_path /data/imagenet/train \
-        --output_dir out/
-    python eval_linear.py --checkpoint out/checkpoint.pth --data_path /data/imagenet --knn --low_shot
+    torchrun --nproc_per_node=8 rob_msn.py --student vit_small --teacher msn_vitl16 --data_path /data/imagenet/train
 
-The recipe (the defaults): teacher MSN ViT-L/16 (1024 prototypes); student head Linear [d, 2048] -> Linear
-[2048, 1024], no activation; target softmax(cos / 0.025), CE at 0.1, same-view pairing; 10 % (ViT-Tiny) or 15 %
-of the student's global-crop tokens dropped; 2 x 224 px crops (0.3, 1) + 10 x 96 px (0.05, 0.3), MSN's
-augmentation at colour strength 1.0; AdamW, lr 2e-4 -> 1e-3 at batch 1024 over 15 epochs, cosine to 1e-5,
-weight decay 0.04 -> 0.4, gradient norm clipped at 1.0, no drop-path.
-
-`--teacher ema` runs plain MSN instead (EMA target encoder, learned prototypes, Sinkhorn, me-max): the baseline of
-the paper, and a way to pretrain a teacher on your own data. Its checkpoint is a valid --teacher for RoB.
+The recipe (the defaults): teacher MSN ViT-L/16; student head Linear [d, 2048] -> Linear [2048, 1024], no activation;
+CE at 0.1, same-view pairing; 10 % (ViT-Tiny) or 15 % of the global crops' tokens dropped; 2 x 224 px crops (0.3, 1)
++ 10 x 96 px (0.05, 0.3), MSN's augmentation; AdamW, lr 2e-4 -> 1e-3 at batch 1024 over 15 epochs, cosine to 1e-5,
+weight decay 0.04 -> 0.4, gradient norm clipped at 1, no drop-path. `--teacher ema` runs plain MSN (EMA, learned
+prototypes, Sinkhorn, me-max), the paper's baseline and a way to pretrain a teacher (any checkpoint.pth of this script
+is a valid --teacher). Read top to bottom: target and loss, networks, the baseline, the step, flags and main(), then
+the run machinery the four rob_*.py files share.
 """
-import argparse
-import copy
-import itertools
-import math
-import time
+import argparse, contextlib, copy, datetime, fcntl, itertools, json, math, multiprocessing, os, signal, sys, time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import training
 
+METHOD = "rob_msn"
 TEACHERS = {  # official MSN releases {target_encoder, prototypes}: name -> (release, backbone, patch)
     "msn_vits16": ("vits16_800ep", "vit_small", 16),
     "msn_vitb16": ("vitb16_600ep", "vit_base", 16),
@@ -46,131 +40,39 @@ TEACHERS = {  # official MSN releases {target_encoder, prototypes}: name -> (rel
 URL = "https://dl.fbaipublicfiles.com/msn/{0}.pth.tar"
 
 
-# -------------------------------------------------------------------------------------------- arguments
-def get_args_parser():
-    parser = argparse.ArgumentParser("RoB-MSN", add_help=False)
-    group = parser.add_argument_group("model")
-    group.add_argument("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base, resnet18, resnet34, "
-                       "resnet50, mobilenet_v3, vit_nano, vit_pico (small images) or any timm name.")
-    group.add_argument("--teacher", default="msn_vitl16", help=f"{', '.join(TEACHERS)}; a local MSN release "
-                       "({target_encoder, prototypes}); a checkpoint.pth of this script (a --teacher ema run, or a "
-                       "RoB-MSN student, teaches the next student); or 'ema' for the plain-MSN baseline.")
-    group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (default: the "
-                       "model's own, 16); small images want small patches (7 at 28 px).")
-    group.add_argument("--drop_path_rate", type=float, default=0.0, help="Student stochastic depth (MSN: 0).")
-    group.add_argument("--hidden_dim", type=int, default=2048, help="Hidden width of the student head (RoB: "
-                       "Linear [d, hidden_dim] -> Linear [hidden_dim, K], no activation; baseline: the projection "
-                       "MLP's).")
-    group.add_argument("--patch_drop", type=float, default=None, help="Fraction of the patch tokens of the "
-                       "student's global crops dropped at random (per image, after the positional embeddings; CLS "
-                       "kept). Default 0.10 for vit_tiny, 0.15 for other ViTs; 0 turns it off. Convnet students "
-                       "drop nothing.")
-    group = parser.add_argument_group("temperatures and pairing")
-    group.add_argument("--teacher_temp", type=float, default=0.025, help="Temperature of the teacher's cosine "
-                       "similarities to its prototypes (MSN's 0.1 x sharpening 0.25). A RoB-MSN student used as "
-                       "teacher "
-                       "gives logits instead, read at --student_temp.")
-    group.add_argument("--student_temp", type=float, default=0.1, help="Student softmax temperature.")
-    group.add_argument("--swapped", action="store_true", help="Cross-view pairing (teacher view i -> every "
-                       "student crop but i). Default: same-view pairing (teacher view i -> student view i and every "
-                       "local crop). The baseline uses MSN's own pairing (see --teacher ema).")
-    group = parser.add_argument_group("plain-MSN baseline (--teacher ema only): global crop 0 -> EMA target "
-                                      "encoder; global crop 1 (tokens dropped) and the locals -> student")
-    group.add_argument("--out_dim", type=int, default=1024, help="Number of learned prototypes K.")
-    group.add_argument("--bottleneck_dim", type=int, default=256, help="Projection output (prototype) width.")
-    group.add_argument("--momentum_teacher", type=float, default=0.996, help="EMA momentum, raised linearly "
-                       "towards 1 (MSN's schedule, stretched over 1.25x the run).")
-    group.add_argument("--memax_weight", type=float, default=1.0, help="Weight of the me-max regulariser.")
-    group.add_argument("--sinkhorn_iterations", type=int, default=3, help="Sinkhorn steps on the targets (0: off).")
-    group = training.add_optimisation_args(parser, epochs=150, lr=2.5e-4, warmup_epochs=15, clip_grad=1.0, helps=dict(
-        lr="Peak lr at a global batch of 256, scaled linearly (1024 -> 1e-3, the paper's setting)."))
-    group.add_argument("--start_lr", type=float, default=5e-5, help="lr at the start of the warm-up, per 256 "
-                       "images (1024 -> 2e-4, the paper's setting).")
-    training.add_multicrop_args(parser, (0.3, 1.0), 10, (0.05, 0.3))
-    training.add_run_args(parser)
-    return parser
+# ---------------------------------------------------------------------------------------- the RoB target and loss
+def prototype_scores(projection, prototypes):
+    """Cosine similarities [N, K] of the L2-normalised projections [N, d] to the L2-normalised prototypes [K, d]."""
+    return F.normalize(projection.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
 
 
-def check_args(args):
-    training.check_args(args, positive=["epochs", "batch_size_per_gpu", "teacher_temp", "student_temp",
-                                      "out_dim", "hidden_dim", "bottleneck_dim", "global_crops_size",
-                                      "local_crops_size"],
-                      non_negative=["lr", "start_lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
-                                    "clip_grad", "local_crops_number", "memax_weight", "sinkhorn_iterations"],
-                      fractions=["drop_path_rate", "momentum_teacher"],
-                      scales=["global_crops_scale", "local_crops_scale"])
-    if args.patch_drop is not None and not 0 <= args.patch_drop < 1:
-        raise common.UserError(f"--patch_drop {args.patch_drop}: give a fraction in [0, 1)")
+def teacher_probs(teacher_out, prototypes, temp):
+    """The RoB seam: the frozen teacher's projection becomes the targets softmax(cos(projection, prototypes) / 0.025)
+    (a RoB-MSN student as teacher gives logits over them: no prototypes, and temp its student temperature)."""
+    logits = teacher_out.float() if prototypes is None else prototype_scores(teacher_out, prototypes)
+    return F.softmax(logits / temp, dim=-1)
 
 
-def build_augmentation(args):
-    """MSN's multi-crop augmentation with colour strength 1.0, as the reference RoB-MSN config: colour jitter
-    (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2, blur p 0.5 on every crop, no solarise, flip, bilinear."""
-    return common.MultiCropAugmentation(args.global_crops_size, args.local_crops_size, 2, args.local_crops_number,
-                                        args.global_crops_scale, args.local_crops_scale,
-                                        color_jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5),
-                                        solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear")
+def view_pairs(n_teacher, n_crops, swapped=False):
+    """(teacher view, student crop) pairs: same-view (RoB's default), teacher view t -> crop t and every crop that is
+    not another teacher view; swapped (the original methods'), t -> every crop but t."""
+    if swapped:
+        return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s != t]
+    return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s == t or s >= n_teacher]
 
 
-# -------------------------------------------------------------------------------------- the frozen teacher
-def load_teacher(name_or_path, num_heads=None):
-    """The frozen RoB teacher (backbone + projection + prototypes, eval, no grad) from an official name
-    (downloaded once into the torch.hub cache) or a local file. `num_heads`: for ViTs of non-standard width."""
-    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name][0]), "MSN release")
-    return teacher_from_checkpoint(common.load_file(source, "MSN teacher checkpoint"), source, num_heads)
+def multi_crop_cross_entropy(student_logits, target_probs, pairs, student_temp):
+    """Mean over pairs of the batch-mean cross-entropy H(target_probs[t], softmax(student_logits[s] / T)).
+    student_logits: [n_crops * B, K], target_probs: [n_teacher * B, K], both crop-major; in fp32."""
+    n_crops, n_teacher = max(s for _, s in pairs) + 1, max(t for t, _ in pairs) + 1
+    student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1).chunk(n_crops)
+    targets = target_probs.chunk(n_teacher)
+    return sum(-(targets[t] * student_log_probs[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
 
 
-def teacher_from_checkpoint(ckpt, source, num_heads=None):
-    """Recognise the checkpoint's format, build the matching backbone and head from its tensors and load
-    them strictly. Accepts MSN releases (and MSN training checkpoints) and this script's own; refuses the rest
-    with the fix. A RoB-MSN student teaches through its logits (teacher.prototypes is None)."""
-    if isinstance(ckpt, dict) and ckpt.get("method") == "rob_msn":  # its EMA target encoder, or its student
-        if ckpt.get("teacher") is not None:
-            sd, prototypes = ckpt["teacher"], ckpt["student"]["prototypes"]
-            head = MSNProjection(*projection_sizes(common.sub_state_dict(sd, "head.")))
-        else:
-            sd, prototypes = ckpt["student"], None
-            first, last = sd["head.0.weight"], sd["head.2.weight"]
-            head = MLPHead(first.shape[1], last.shape[0], first.shape[0], use_bn="head.1.weight" in sd)
-        backbone = common.recorded_backbone(ckpt, sd, source)
-        head_sd = common.sub_state_dict(sd, "head.")
-    elif isinstance(ckpt, dict) and ckpt.get("method") is None and "target_encoder" in ckpt:  # an MSN release
-        if "prototypes" not in ckpt:
-            raise common.UserError(f"{source} has a target encoder but no prototypes: give the complete MSN release, "
-                                   "e.g. " + URL.format(TEACHERS["msn_vitl16"][0]))
-        sd = common.strip_prefix(ckpt["target_encoder"], "module.")
-        backbone_sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-        head_sd, prototypes = common.sub_state_dict(sd, "fc."), ckpt["prototypes"]
-        if "fc1.weight" not in head_sd:
-            raise common.UserError(f"{source}: the target encoder has no projection head (fc.fc1 ... fc.fc3)")
-        backbone, _ = common.backbone_from_state_dict(backbone_sd, num_heads)
-        head = MSNProjection(*projection_sizes(head_sd))
-        common.load_strict(backbone, backbone_sd, source, "MSN target encoder backbone")
-    else:
-        common.refuse_teacher(ckpt, source, "rob_msn", "its projection head and prototypes",
-                              URL.format(TEACHERS["msn_vitl16"][0]))
-    common.load_strict(head, head_sd, source, "MSN projection head" if prototypes is not None else "RoB-MSN head")
-    prototypes = None if prototypes is None else prototypes.float()
-    return common.freeze(MultiCropNetwork(backbone, head, prototypes=prototypes))
-
-
-def projection_sizes(sd):
-    """(in, hidden, out) widths of an MSN projection state dict."""
-    return sd["fc1.weight"].shape[1], sd["fc1.weight"].shape[0], sd["fc3.weight"].shape[0]
-
-
-def random_teacher(name):
-    """An official teacher architecture with random weights (benchmarks: nothing to download)."""
-    _, backbone_name, patch = TEACHERS[name]
-    backbone, _ = common.build_teacher_backbone(backbone_name, patch_size=patch)
-    head = MSNProjection(common.feature_dim(backbone))
-    return common.freeze(MultiCropNetwork(backbone, head, prototypes=F.normalize(torch.randn(1024, 256), dim=-1)))
-
-
-# ------------------------------------------------------------------------------------------- the student
+# ---------------------------------------------------------------------------------------------------- networks
 class MSNProjection(nn.Module):
-    """MSN's projection `fc`: Linear, BN, GELU, Linear, BN, GELU, Linear (the official names fc1, bn1, fc2, bn2,
-    fc3, so that MSN releases load). The teacher's output; also the baseline student's head."""
+    """MSN's projection `fc` (fc1 bn1 GELU fc2 bn2 GELU fc3, the official names): the teacher's, and the baseline's."""
 
     def __init__(self, in_dim, hidden_dim=2048, out_dim=256):
         super().__init__()
@@ -186,9 +88,8 @@ class MSNProjection(nn.Module):
         return self.fc3(x.to(self.fc3.weight.dtype))  # a bf16 teacher keeps fc3 in fp32: cosines / 0.025 need it
 
 
-class MLPHead(nn.Sequential):
-    """The RoB student head, as the reference's: Linear, BN (convnets), Linear -> logits over the teacher's K
-    prototypes. No activation between the two layers."""
+class LinearHead(nn.Sequential):
+    """The RoB student head, as the reference's: Linear, BN (convnets), Linear, no activation -> K logits."""
 
     def __init__(self, in_dim, out_dim, hidden_dim=2048, use_bn=False):
         super().__init__(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim) if use_bn else nn.Identity(),
@@ -196,10 +97,9 @@ class MLPHead(nn.Sequential):
 
 
 def drop_patch_tokens(tokens, patch_drop, n_prefix=1):
-    """MSN's masking: keep the prefix (CLS) tokens and a random subset of exactly round((1 - patch_drop) * N) of
-    the N patch tokens, drawn independently for every image (MSN's code floors the count and draws one subset
-    for the whole batch). Dropped tokens are removed, not replaced.
-    tokens: [B, n_prefix + N, D] -> [B, n_prefix + n_keep, D]."""
+    """MSN's masking: keep the prefix (CLS) tokens and a random subset of exactly round((1 - patch_drop) * N) of the N
+    patch tokens, drawn independently for every image (MSN's code floors the count and draws one subset for the whole
+    batch). Dropped tokens are removed, not replaced. tokens: [B, n_prefix + N, D] -> [B, n_prefix + n_keep, D]."""
     b, n, d = tokens.shape[0], tokens.shape[1] - n_prefix, tokens.shape[2]
     n_keep = round((1 - patch_drop) * n)
     keep = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :n_keep] + n_prefix  # [B, n_keep]
@@ -207,17 +107,14 @@ def drop_patch_tokens(tokens, patch_drop, n_prefix=1):
 
 
 def vit_forward_dropping_tokens(vit, images, patch_drop):
-    """A timm ViT's forward (CLS after the final norm) with patch tokens dropped once the positional embeddings
-    are added: the backbone stays a plain timm model (export, evaluation), only this pass differs."""
+    """A timm ViT's forward, patch tokens dropped after the positional embeddings (the model stays a timm ViT)."""
     tokens = drop_patch_tokens(vit._pos_embed(vit.patch_embed(images)), patch_drop, vit.num_prefix_tokens)
     return vit.forward_head(vit.norm(vit.blocks(vit.norm_pre(tokens))))
 
 
-class MultiCropNetwork(nn.Module):
-    """Backbone + head over a list of crops: one backbone pass per run of same-sized crops (the globals
-    together, the locals together), one head pass over all features. Returns [n_crops * B, out], crop-major.
-    `patch_drop` > 0 (ViT students) drops tokens in the first run, the global crops, as MSN does. `prototypes`:
-    the frozen teacher's (a buffer) or the baseline student's (a parameter, trained with it)."""
+class MSNNetwork(nn.Module):
+    """common.MultiCropNetwork with MSN's token drop in the first run (the global crops) and prototypes: the frozen
+    teacher's (a buffer) or the baseline student's (a parameter, trained with it)."""
 
     def __init__(self, backbone, head, patch_drop=0.0, prototypes=None):
         super().__init__()
@@ -235,52 +132,51 @@ class MultiCropNetwork(nn.Module):
 
 
 def build_student(args, teacher=None):
-    """A fresh backbone (ViTs drop 10 % (ViT-Tiny) / 15 % of their global-crop tokens) + the RoB head over the
-    teacher's prototypes, or (baseline) MSN's projection and learned prototypes. Returns (network, arch)."""
-    common.seed_everything(common.mix_seed(args.seed, 0))  # the same init in every process, RoB or plain
-    backbone, dim, arch = common.build_student(args.student, args.global_crops_size, args.patch_size,
-                                               args.drop_path_rate)
+    """A fresh backbone (drawn from the torch RNG) + the RoB head over the teacher's prototypes, or (baseline) MSN's
+    projection and learned prototypes. Returns (network, arch)."""
+    backbone, dim, arch = common.student_backbone(args.student, args.global_crops_size, args.patch_size,
+                                                  args.drop_path_rate)
     convnet = not common.is_vit(backbone)
     patch_drop = 0.0 if convnet else args.patch_drop if args.patch_drop is not None else \
         0.10 if arch["name"].startswith("vit_tiny") else 0.15
     if teacher is None:  # baseline: MSN's projection and learned prototypes (uniform init as MSN's), trained together
         bound = args.bottleneck_dim ** -0.5
         prototypes = nn.Parameter(torch.empty(args.out_dim, args.bottleneck_dim).uniform_(-bound, bound))
-        return MultiCropNetwork(backbone, MSNProjection(dim, args.hidden_dim, args.bottleneck_dim), patch_drop,
-                                prototypes), arch
+        return MSNNetwork(backbone, MSNProjection(dim, args.hidden_dim, args.bottleneck_dim), patch_drop,
+                          prototypes), arch
     out_dim = len(teacher.prototypes) if teacher.prototypes is not None else teacher.head[-1].out_features
-    return MultiCropNetwork(backbone, MLPHead(dim, out_dim, args.hidden_dim, use_bn=convnet), patch_drop), arch
+    return MSNNetwork(backbone, LinearHead(dim, out_dim, args.hidden_dim, use_bn=convnet), patch_drop), arch
 
 
-# ---------------------------------------------------------------------------------- the RoB target and loss
-def prototype_scores(projection, prototypes):
-    """Cosine similarities [N, K] of the L2-normalised projections [N, d] to the L2-normalised prototypes
-    [K, d], in fp32."""
-    return F.normalize(projection.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
+def load_teacher(name_or_path, num_heads=None):
+    """The frozen RoB teacher from an official name (downloaded once), an MSN release or this script's checkpoint."""
+    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name][0]), "MSN release")
+    return teacher_from_checkpoint(common.load_file(source, "MSN teacher checkpoint"), source, num_heads)
 
 
-def teacher_probs(teacher_out, prototypes, temp):
-    """The RoB seam: the frozen teacher's projection becomes the target distribution
-    softmax(cos(projection, prototypes) / 0.025). A RoB-MSN student used as teacher has no prototypes: its
-    outputs are already logits over them, and temp is then the student temperature it was trained at."""
-    logits = teacher_out.float() if prototypes is None else prototype_scores(teacher_out, prototypes)
-    return F.softmax(logits / temp, dim=-1)
+def teacher_from_checkpoint(ckpt, source, num_heads=None):
+    """A RoB-MSN student as teacher keeps its two-layer head (no prototypes); any other, MSN's projection."""
+    backbone, sd, prototypes = common.teacher_parts(ckpt, source, METHOD, URL.format(TEACHERS["msn_vitl16"][0]),
+                                                    num_heads)
+    if prototypes is None:
+        head = LinearHead(sd["0.weight"].shape[1], sd["2.weight"].shape[0], sd["0.weight"].shape[0], "1.weight" in sd)
+    else:
+        head = MSNProjection(sd["fc1.weight"].shape[1], sd["fc1.weight"].shape[0], sd["fc3.weight"].shape[0])
+    common.load_strict(head, sd, source, "MSN projection head" if prototypes is not None else "RoB-MSN head")
+    return common.freeze(MSNNetwork(backbone, head, prototypes=prototypes))
 
 
-# -------------------------------------------------------------------- the plain-MSN baseline (--teacher ema)
-class PlainMSN(nn.Module):
-    """What plain MSN adds, none of which RoB needs: the target encoder (backbone + projection, left in train mode
-    as MSN's, so its BN normalises with the batch) is an EMA of the student (momentum linear from 0.996 towards 1
-    over 1.25x the run), the prototypes are learned (the student's), the targets are balanced by Sinkhorn and the
-    predictions regularised by me-max. MSN's pairing: the target encoder sees global crop 0, the student (its
-    tokens dropped) global crop 1 and the locals."""
+# ------------------------------------------------------------------------- the plain-MSN baseline (--teacher ema)
+class PlainMSN:
+    """What plain MSN adds, none of which RoB needs: the target encoder (left in train mode, as MSN's) is an EMA of
+    the student (momentum linear from 0.996 to 1 over 1.25x the run), the prototypes are learned, the targets balanced
+    by Sinkhorn, the predictions regularised by me-max; the target encoder sees global crop 0, the student the rest."""
 
-    def __init__(self, student, arch, args, iters_per_epoch):
-        super().__init__()
+    def __init__(self, student, arch, args, iters_per_epoch, device):
         teacher_arch = {**arch, "kwargs": {**arch["kwargs"], "drop_path_rate": 0.0}}
-        self.teacher = MultiCropNetwork(common.create_backbone(teacher_arch), copy.deepcopy(student.head))
+        self.teacher = MSNNetwork(common.create_backbone(teacher_arch), copy.deepcopy(student.head))
         self.teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k != "prototypes"})
-        self.teacher = training.sync_batchnorm(self.teacher.requires_grad_(False))  # (after DDP's broadcast)
+        self.teacher = common.sync_batchnorm(self.teacher.requires_grad_(False)).to(device)
         self.student_params = network_params(student)
         self.args = args
         total = args.epochs * iters_per_epoch
@@ -289,22 +185,15 @@ class PlainMSN(nn.Module):
 
     def loss(self, student_out, teacher_out, prototypes, pairs):
         """CE of the student's cosine scores against the Sinkhorn-balanced targets, + me-max: (loss, me-max)."""
-        scores = prototype_scores(student_out, prototypes)
-        regulariser = me_max(scores, self.args.student_temp)
-        targets = teacher_probs(teacher_out, prototypes, self.args.teacher_temp)
-        targets = sinkhorn(targets, self.args.sinkhorn_iterations)
-        loss = common.multi_crop_cross_entropy(scores, targets, pairs, self.args.student_temp)
-        return loss + self.args.memax_weight * regulariser, regulariser
+        scores, args = prototype_scores(student_out, prototypes), self.args
+        regulariser = me_max(scores, args.student_temp)
+        targets = sinkhorn(teacher_probs(teacher_out, prototypes, args.teacher_temp), args.sinkhorn_iterations)
+        return multi_crop_cross_entropy(scores, targets, pairs, args.student_temp) + args.memax_weight * regulariser, \
+            regulariser
 
     @torch.no_grad()
-    def after_optimizer_step(self, it):
-        torch._foreach_lerp_(list(self.teacher.parameters()), self.student_params, 1 - self.momentum[it])
-
-    def checkpoint_state(self):  # the EMA target encoder; its prototypes are the student's
-        return dict(teacher=self.teacher.state_dict())
-
-    def load_checkpoint_state(self, ckpt):
-        self.teacher.load_state_dict(ckpt["teacher"])
+    def after_optimizer_step(self, step):
+        torch._foreach_lerp_(list(self.teacher.parameters()), self.student_params, 1 - self.momentum[step])
 
 
 def network_params(student):
@@ -313,9 +202,8 @@ def network_params(student):
 
 @torch.no_grad()
 def sinkhorn(probs, n_iterations=3):
-    """MSN's Sinkhorn-Knopp balancing of the targets [B, K] over the global batch: alternately give every
-    prototype the same total mass (column sums all-reduced across processes) and renormalise every image's
-    row to 1. Constant factors of MSN's version (1/K, 1/B) cancel in the final row normalisation."""
+    """MSN's Sinkhorn-Knopp balancing of the targets [B, K] over the global batch: every prototype the same total
+    mass (column sums all-reduced), then every row back to 1 (MSN's constant factors 1/K, 1/B cancel)."""
     q = probs.float()
     for _ in range(n_iterations):
         q = q / common.all_reduce_mean(q.sum(0, keepdim=True))
@@ -324,128 +212,388 @@ def sinkhorn(probs, n_iterations=3):
 
 
 def me_max(student_logits, student_temp):
-    """MSN's mean-entropy maximisation: sum_k p_k log p_k + log K for the average prediction p over every anchor
-    view of the global batch (0 when all prototypes are used equally). The value is all-reduced; the gradient
-    stays local, and DDP's gradient averaging then makes it that of the global average."""
+    """MSN's mean-entropy maximisation: sum_k p_k log p_k + log K for the average prediction p over the global batch;
+    the value all-reduced, the gradient local (DDP's averaging makes it that of the global average)."""
     local = F.softmax(student_logits.float() / student_temp, dim=-1).mean(0)
     average = local + (common.all_reduce_mean(local.detach()) - local.detach())
     return (average * average.log()).sum() + math.log(len(average))
 
 
-# ------------------------------------------------------------------------------------------------ training
-def build(args, device, iters_per_epoch, student, arch, teacher=None):
-    """Everything a training step needs, as one namespace: the student (and its DDP wrapper), the frozen teacher
-    (RoB) or the plain-MSN pieces (--teacher ema), the pairing, the optimiser (AdamW; the baseline's learned
-    prototypes without weight decay) and the schedules (lr warm-up from --start_lr)."""
-    groups = training.param_groups(nn.ModuleList([student.backbone, student.head]))
+# --------------------------------------------------------------------------------------------- the training step
+def build_run(args, device, data, student, arch, teacher=None):
+    """Everything a step reads, built here once: new_run()'s fields (the baseline's prototypes undecayed, the lr warmed
+    up from --start_lr) and RoB-MSN's own: `data`, `teacher` (frozen, or the EMA), `plain` (PlainMSN or None),
+    `pairs`, `n_teacher` (the global crops it sees), `target_temp`, `loss_fn`, `saved` (the baseline's state)."""
+    groups = param_groups(nn.ModuleList([student.backbone, student.head]))
     if teacher is None:
         groups[1]["params"].append(student.prototypes)
-    run = training.setup_run(args, device, iters_per_epoch, student.to(device), arch, "rob_msn",
-                             optimizer=torch.optim.AdamW(groups, fused=device.type == "cuda"),
-                             warmup_start=args.start_lr * args.batch_size_per_gpu * common.get_world_size() / 256)
-    run.plain = PlainMSN(student, arch, args, iters_per_epoch).to(device) if teacher is None else None
+    run = new_run(args, device, student, arch, len(data.loader), optimizer=torch.optim.AdamW(
+        groups, fused=device.type == "cuda"), warmup_start=args.start_lr * args.batch_size_per_gpu *
+        common.get_world_size() / 256)
+    plain = PlainMSN(run.student, arch, args, run.iters_per_epoch, device) if teacher is None else None
     if teacher is not None:
-        run.teacher = training.place_teacher(teacher, device, run, [teacher.backbone, teacher.head])
+        teacher = common.place_teacher(teacher, device, run.teacher_dtype, [teacher.backbone, teacher.head])
         if isinstance(teacher.head, MSNProjection):
             teacher.head.fc3.float()
-        training.check_patch(teacher.backbone, args.global_crops_size)
-    else:
-        run.teacher = run.plain.teacher
-    if args.compile:  # in place, so that checkpoints keep their keys; ViTs per block (fast to compile)
-        for network in (student, run.teacher):
-            training.compile_model(network.backbone)
-            network.head.compile()
-    run.loss_fn = torch.compile(common.multi_crop_cross_entropy) if args.compile else common.multi_crop_cross_entropy
+        common.check_patch(teacher.backbone, args.global_crops_size)
+    run.data, run.plain, run.teacher = data, plain, teacher if teacher is not None else plain.teacher
+    if args.compile:
+        common.compile_network(run.student)
+        common.compile_network(run.teacher)
+    run.loss_fn = torch.compile(multi_crop_cross_entropy) if args.compile else multi_crop_cross_entropy
     n_crops = 2 + args.local_crops_number
-    run.pairs = [(0, s) for s in range(n_crops - 1)] if teacher is None else common.view_pairs(2, n_crops, args.swapped)
-    run.n_teacher = 1 if teacher is None else 2  # the target encoder sees global crop 0 only; RoB's teacher both
-    run.target_temp = args.teacher_temp if teacher is None or teacher.prototypes is not None else args.student_temp
-    outputs = len(student.prototypes) if teacher is None else student.head[-1].out_features
-    common.log(f"student {args.student}: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, patch "
-               f"drop {student.patch_drop}, head -> {outputs}; teacher: {args.teacher}")
+    run.pairs = view_pairs(2, n_crops, args.swapped) if plain is None else [(0, s) for s in range(n_crops - 1)]
+    run.n_teacher = 2 if plain is None else 1  # the target encoder sees global crop 0 only; RoB's teacher both
+    run.target_temp = args.teacher_temp if plain is not None or teacher.prototypes is not None else args.student_temp
+    run.saved = {} if plain is None else dict(teacher=plain.teacher)
     return run
 
 
-def teacher_forward(run, crops):
-    """Target distributions [n_teacher * B, K] of the teacher's global crops."""
-    with torch.no_grad(), torch.autocast(run.device.type, run.amp_dtype, enabled=run.plain is not None and run.amp):
-        out = run.teacher([c.to(run.teacher_dtype) for c in crops[:run.n_teacher]])
-        return out if run.plain is not None else teacher_probs(out, run.teacher.prototypes, run.target_temp)
-
-
-def train_step(run, crops, it):
-    """One optimisation step on a batch (list of crops, globals first); returns the loss terms (a tensor)."""
-    training.start_step(run, it)  # lr, weight decay, and a seed per step for token drops (exact resume)
-    teacher_out = run.side_stream.start(teacher_forward, run, crops)  # concurrent with the student on a GPU
-    with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp):
-        student_out = run.student_ddp(crops[run.n_teacher:] if run.plain is not None else crops)
-    teacher_out = run.side_stream.join(teacher_out)
+def train_step(run, batch, indices, step):
+    """One optimisation step on a loader batch; returns {"train_loss"} (+ "me_max" for the baseline)."""
+    crops = common.crops_on_device(run.data, batch, indices, run.device, step, not common.is_vit(run.student.backbone))
+    with torch.no_grad(), torch.autocast(run.device.type, torch.bfloat16, enabled=run.plain is not None and run.amp):
+        teacher_out = run.teacher([c.to(run.teacher_dtype) for c in crops[:run.n_teacher]])
+    with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+        student_out = run.ddp(crops if run.plain is None else crops[run.n_teacher:])
     if run.plain is None:
-        loss = run.loss_fn(student_out, teacher_out, run.pairs, run.args.student_temp)
+        targets = teacher_probs(teacher_out, run.teacher.prototypes, run.target_temp)  # [2 * B, K]
+        loss = run.loss_fn(student_out, targets, run.pairs, run.args.student_temp)
     else:
         loss, regulariser = run.plain.loss(student_out, teacher_out, run.student.prototypes, run.pairs)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)
+    loss.backward()
     if run.args.clip_grad:
         nn.utils.clip_grad_norm_(network_params(run.student), run.args.clip_grad)  # MSN leaves the prototypes out
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    run.optimizer.step()
     if run.plain is None:
-        return loss.detach()[None]
-    run.plain.after_optimizer_step(it)
-    return torch.stack([loss.detach(), regulariser.detach()])
+        return {"train_loss": loss}
+    run.plain.after_optimizer_step(step)
+    return {"train_loss": loss, "me_max": regulariser}
 
 
-def train_one_epoch(run, data, epoch, step, stop):
-    """The steps of `epoch` from `step` (mid-epoch after a resume) to its end or to a stop request (Ctrl-C,
-    SIGTERM), then a checkpoint. Loss values are read one step late (the host never waits for the GPU).
-    Returns (step, whether to stop)."""
-    first = step - epoch * run.iters_per_epoch
-    data.sampler.set_epoch(epoch, start_batch=first)
-    names = ["train_loss", "me_max"] if run.plain is not None else ["train_loss"]
-    stats, start, stopping = training.StepStats(names), time.time(), False
-    progress = tqdm(data.loader, desc=f"epoch {epoch}", initial=first, total=run.iters_per_epoch,
-                    disable=not common.is_main_process(), dynamic_ncols=True)
-    for batch, indices in progress:
-        crops = training.crops_on_device(batch, indices, data.dataset, data.augmentation, run.args, run.device, step,
-                                         channels_last=not common.is_vit(run.student.backbone))
-        done = stats.push(train_step(run, crops, step), stop.requested, step)
-        step += 1
-        if done:
-            progress.set_postfix(loss=f"{done[0][0]:.4f}", lr=f"{run.lr_schedule[step - 1]:.2e}")
-            if done[1]:  # every process sees the same votes: all stop after this same step
-                stopping = True
-                break
-    done = stats.flush()
-    stopping = stopping or (done is not None and done[1])
-    networks = [run.student] + ([run.plain] if run.plain is not None else [])
-    training.check_state(networks, run.optimizer, probe=lambda: run.student(crops))
-    training.save_run(run, data, step, stats, time.time() - start,
-                      run.plain.checkpoint_state() if run.plain is not None else {})
-    return step, stopping
+# ------------------------------------------------------------------------------------------ flags and main()
+def get_args_parser():
+    parser = argparse.ArgumentParser("RoB-MSN", add_help=False)
+    group = parser.add_argument_group("model")
+    group.add_argument("--student", default="vit_tiny", help="vit_tiny, vit_small, resnet18... or any timm name.")
+    group.add_argument("--teacher", default="msn_vitl16", help=f"{', '.join(TEACHERS)}; an MSN release file; a "
+                       "checkpoint.pth of this script; or 'ema' for the plain-MSN baseline.")
+    group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (7 at 28 px).")
+    group.add_argument("--drop_path_rate", type=float, default=0.0, help="Student stochastic depth (MSN: 0).")
+    group.add_argument("--hidden_dim", type=int, default=2048, help="Hidden width of the student head.")
+    group.add_argument("--patch_drop", type=float, default=None, help="Fraction of the global crops' patch tokens "
+                       "dropped (default 0.10 for vit_tiny, 0.15 for other ViTs; convnets drop nothing).")
+    group = parser.add_argument_group("temperatures and pairing")
+    group.add_argument("--teacher_temp", type=float, default=0.025, help="Temperature of the teacher's cosines "
+                       "(MSN's 0.1 x sharpening 0.25); a RoB-MSN student as teacher: --student_temp.")
+    group.add_argument("--student_temp", type=float, default=0.1, help="Student softmax temperature.")
+    group.add_argument("--swapped", action="store_true", help="Cross-view pairing (RoB).")
+    group = parser.add_argument_group("plain-MSN baseline (--teacher ema): global crop 0 -> EMA target encoder, "
+                                      "global crop 1 (tokens dropped) and the locals -> student")
+    group.add_argument("--out_dim", type=int, default=1024, help="Number of learned prototypes K.")
+    group.add_argument("--bottleneck_dim", type=int, default=256, help="Projection output (prototype) width.")
+    group.add_argument("--momentum_teacher", type=float, default=0.996, help="EMA momentum, linear towards 1.")
+    group.add_argument("--memax_weight", type=float, default=1.0, help="Weight of the me-max regulariser.")
+    group.add_argument("--sinkhorn_iterations", type=int, default=3, help="Sinkhorn steps on the targets (0: off).")
+    group.add_argument("--start_lr", type=float, default=5e-5, help="lr at the start of the warm-up, per 256 images.")
+    add_run_args(parser)  # optimisation, multi-crop, data and runtime; RoB-MSN's defaults:
+    parser.set_defaults(epochs=150, lr=2.5e-4, warmup_epochs=15, clip_grad=1.0, local_crops_number=10,
+                        global_crops_scale=(0.3, 1.0), local_crops_scale=(0.05, 0.3))
+    return parser
+
+
+def check_args(args):
+    check_flags(args, positive=["teacher_temp", "student_temp", "out_dim", "hidden_dim", "bottleneck_dim"],
+                non_negative=["start_lr", "memax_weight", "sinkhorn_iterations"],
+                fractions=["drop_path_rate", "momentum_teacher"])
+    if args.patch_drop is not None and not 0 <= args.patch_drop < 1:
+        raise common.UserError(f"--patch_drop {args.patch_drop}: give a fraction in [0, 1)")
+
+
+def build_augmentation(args):
+    """MSN's augmentation: colour strength 1 (jitter 0.8, 0.8, 0.8, 0.2), blur p 0.5, no solarisation, bilinear."""
+    return common.MultiCropAugmentation(args.global_crops_size, args.local_crops_size, 2, args.local_crops_number,
+                                        args.global_crops_scale, args.local_crops_scale,
+                                        color_jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5),
+                                        solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear")
 
 
 def main(args):
     check_args(args)
-    rank, world_size, device = common.init_distributed()
-    data = training.build_training_data(args, build_augmentation(args))
-    teacher = None if args.teacher == "ema" else load_teacher(args.teacher)
-    student, arch = build_student(args, teacher)
-    run = build(args, device, len(data.loader), student, arch, teacher)
-    with training.OutputDir(args.output_dir) as output_dir:
-        ckpt = training.resume(run, data, output_dir, "rob_msn")
-        if ckpt is not None and run.plain is not None:
-            run.plain.load_checkpoint_state(ckpt)
-        stop, step = training.StopRequest(), run.start_step
-        for epoch in range(step // run.iters_per_epoch, args.epochs):
-            step, stopping = train_one_epoch(run, data, epoch, step, stop)
-            if stopping:
-                common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
-                return stop.exit_code()
-        training.finish(output_dir, run.student.backbone, run.arch)
+    device = common.init_distributed()
+    with locked_output_dir(args.output_dir) as output_dir:  # locked before any expensive work
+        data = common.training_data(args.data_path, build_augmentation(args), args.batch_size_per_gpu,
+                                    args.num_workers, args.seed, args.subset, args.gpu_augment)
+        teacher = None if args.teacher == "ema" else load_teacher(args.teacher)
+        torch.manual_seed(common.mix_seed(args.seed, 0))  # the same initial student in every process, RoB or plain
+        student, arch = build_student(args, teacher)
+        run = build_run(args, device, data, student, arch, teacher)
+        return train(run, data, output_dir, train_step)
+
+
+# ======================================================================================================================
+# Run machinery, the same text in the four rob_*.py files (tests/test_copies.py keeps it so): nothing of the method.
+# ======================================================================================================================
+def add_run_args(parser):
+    """The flags of every script, with generic defaults (a method sets its own with parser.set_defaults)."""
+    group = parser.add_argument_group("optimisation and multi-crop")
+    group.add_argument("--epochs", type=int, default=100)
+    group.add_argument("--batch_size_per_gpu", type=int, default=64, help="Global batch = this x processes.")
+    group.add_argument("--lr", type=float, default=5e-4, help="Peak lr at a global batch of 256, scaled linearly.")
+    group.add_argument("--min_lr", type=float, default=1e-5, help="lr at the end of the cosine.")
+    group.add_argument("--warmup_epochs", type=int, default=10, help="Linear lr warm-up.")
+    group.add_argument("--weight_decay", type=float, default=0.04, help="Initial weight decay (none on biases, norms).")
+    group.add_argument("--weight_decay_end", type=float, default=0.4, help="Final weight decay (cosine).")
+    group.add_argument("--clip_grad", type=float, default=0.0, help="Clip the global gradient norm (0: off).")
+    group.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.25, 1.0), help="Area fractions.")
+    group.add_argument("--local_crops_number", type=int, default=8, help="Small crops (student only).")
+    group.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.25), help="Area fractions.")
+    group.add_argument("--global_crops_size", type=int, default=224)
+    group.add_argument("--local_crops_size", type=int, default=96)
+    group = parser.add_argument_group("data, output and runtime")
+    group.add_argument("--data_path", help="Required: an ImageFolder folder, 'fashion-mnist' or 'synthetic'.")
+    group.add_argument("--subset", type=int, default=0, help="Train on a seeded random subset of this many images.")
+    group.add_argument("--output_dir", default="output", help="Checkpoints, log.txt, the exported student.")
+    group.add_argument("--saveckp_freq", type=int, default=20, help="Also keep checkpointNNNN.pth every N epochs.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--num_workers", type=int, default=10, help="Data loader processes per GPU.")
+    group.add_argument("--gpu_augment", action="store_true", help="Decode JPEGs and augment in batches on the device.")
+    group.add_argument("--precision", choices=["bf16", "fp32"], help="Autocast dtype (default bf16 on GPU).")
+    group.add_argument("--compile", action="store_true", help="torch.compile student and teacher (ViTs per block).")
+
+
+def check_flags(args, positive=(), non_negative=(), fractions=()):
+    """One line naming the flag for a value out of range: the shared flags and a method's own lists."""
+    positive = ("epochs", "batch_size_per_gpu", "global_crops_size", "local_crops_size", *positive)
+    non_negative = ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "subset",
+                    "local_crops_number", "num_workers", "saveckp_freq", *non_negative)
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fractions, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            values = getattr(args, name)
+            values = [] if values is None else values if isinstance(values, (list, tuple)) else [values]
+            if not all(ok(v) for v in values):
+                raise common.UserError(f"--{name} {' '.join(map(str, values))}: must be {rule}")
+    for low, high, name in [(*args.global_crops_scale, "global"), (*args.local_crops_scale, "local")]:
+        if not 0 < low <= high <= 1:
+            raise common.UserError(f"--{name}_crops_scale {low} {high}: give 0 < low <= high <= 1 (area fractions)")
+    if args.warmup_epochs >= args.epochs:
+        raise common.UserError(f"--warmup_epochs {args.warmup_epochs} leaves nothing of a {args.epochs}-epoch run")
+    if args.data_path is None:
+        raise common.UserError("--data_path is required: a folder of images, 'fashion-mnist' or 'synthetic'")
+
+
+def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
+    """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
+    the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
+    256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
+    amp = device.type == "cuda" and args.precision != "fp32"
+    student, ddp = common.place_student(student, device)
+    global_batch = args.batch_size_per_gpu * common.get_world_size()
+    return SimpleNamespace(
+        args=args, device=device, amp=amp, teacher_dtype=torch.bfloat16 if amp else torch.float32, student=student,
+        ddp=ddp, arch=arch, iters_per_epoch=iters_per_epoch, global_batch=global_batch, step=0,
+        optimizer=optimizer or torch.optim.AdamW(param_groups(student), fused=device.type == "cuda"),
+        lr_schedule=cosine_schedule(args.lr * global_batch / 256, args.min_lr if min_lr is None else min_lr,
+                                    args.epochs, iters_per_epoch, args.warmup_epochs, warmup_start),
+        wd_schedule=cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch))
+
+
+def param_groups(model):
+    """AdamW groups: weight decay on weight matrices and kernels only (the first group's follows the schedule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
+    """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
+    if warmup_epochs >= epochs:
+        raise common.UserError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
+                               "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
+    warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
+    steps = epochs * iters_per_epoch - len(warmup)
+    cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
+    return torch.cat([warmup, cosine]).tolist()
+
+
+def train(run, data, output_dir, train_step):
+    """Resume the run if output_dir holds one, train to the end of --epochs, saving after every epoch and when SIGTERM,
+    SIGINT or SIGUSR1 ask to stop (a second Ctrl-C stops at once). Returns the exit code: 0, or 128 + the signal."""
+    args, stop = run.args, []
+    common.log(f"{METHOD}: student {args.student} ({sum(p.numel() for p in run.student.parameters()) / 1e6:.1f}M "
+               f"parameters) <- teacher {args.teacher}; {len(data.dataset)} images from {args.data_path}, "
+               f"{run.iters_per_epoch} steps x {args.epochs} epochs; output in {output_dir}")
+    resume(run, data, output_dir)
+
+    def request_stop(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+    step = run.step
+    for epoch in range(step // run.iters_per_epoch, args.epochs):
+        data.sampler.set_epoch(epoch, start_batch=step - epoch * run.iters_per_epoch)  # mid-epoch after a resume
+        logged, stopping, start = [], False, time.time()
+        progress = tqdm(data.loader, desc=f"epoch {epoch}", initial=step - epoch * run.iters_per_epoch,
+                        total=run.iters_per_epoch, disable=common.get_rank() != 0, dynamic_ncols=True)
+        for batch, indices in progress:
+            for i, group in enumerate(run.optimizer.param_groups):  # the step's lr and weight decay (first group)
+                group.update(lr=run.lr_schedule[step], **({"weight_decay": run.wd_schedule[step]} if i == 0 else {}))
+            torch.manual_seed(common.mix_seed(args.seed, common.get_rank(), step))  # drop-path, token drops: resumable
+            terms = train_step(run, batch, indices, step)  # name -> 0-d tensor, read with every process's stop vote
+            values = torch.stack([*terms.values(), terms["train_loss"].new_tensor(float(bool(stop)))]).detach().float()
+            *values, votes = common.all_reduce_mean(values).tolist()
+            if not math.isfinite(values[0]):
+                raise FloatingPointError(f"non-finite loss {values[0]} at step {step}; stopping without saving. Lower "
+                                         "--lr, raise --warmup_epochs or use --precision fp32.")
+            logged, step, stopping = logged + [dict(zip(terms, values))], step + 1, votes > 0
+            progress.set_postfix({**{k: f"{v:.4f}" for k, v in logged[-1].items()}, "lr": run.lr_schedule[step - 1]})
+            if stopping:  # every process read the same votes: all stop after the same step
+                break
+        save(run, data, output_dir, step, logged, time.time() - start)
+        if stopping:
+            common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+            return 128 + (stop[0] if stop else signal.SIGTERM)  # a process stopped by another's vote: as by SIGTERM
+    if common.get_rank() == 0:  # exported again: a finished run rerun after its export was lost has it back
+        call = common.export_timm(run.student.backbone, run.arch, output_dir / "student_timm.pth")
+        common.log(f"done; student backbone for timm: {call}")
     return 0
 
 
+@contextlib.contextmanager
+def locked_output_dir(path):
+    """--output_dir for the life of a run (rank 0): created, locked so that a second run on it stops at once, cleared
+    of killed runs' temporary files; removed again if this run created it and failed before writing to it."""
+    path, created = Path(path), not Path(path).exists()
+    if common.get_rank() != 0:
+        yield path
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = open(path / ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
+    except OSError as err:
+        raise common.UserError(f"--output_dir {path} is in use by another run: wait for it to end or use another one"
+                               if isinstance(err, BlockingIOError) else f"cannot create or write --output_dir {path} "
+                               f"({err.strerror}): choose another folder") from None
+    with lock:
+        for stale in path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        try:
+            yield path
+        except BaseException:
+            if created and [p.name for p in path.iterdir()] == [".lock"]:
+                (path / ".lock").unlink()
+                path.rmdir()
+            raise
+
+
+RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp_freq", "epochs", "precision"}
+
+
+def resume(run, data, output_dir):
+    """Continue from output_dir/checkpoint.pth if there is one; refused, with the differences, if another script
+    wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), global batch or steps per epoch. A longer
+    --epochs is allowed: the schedules are those of the new length."""
+    path, args = output_dir / "checkpoint.pth", run.args
+    if not path.is_file():
+        return
+    ckpt = common.load_file(path, "resume checkpoint")
+    if ckpt.get("method") != METHOD:
+
+        raise common.UserError(f"{path} was written by {ckpt.get('method', 'another program')}, not {METHOD}.py: use "
+                               "another --output_dir.")
+    now = {**vars(args), "global_batch": run.global_batch, "iters_per_epoch": run.iters_per_epoch}
+    saved = {**ckpt["args"], "global_batch": ckpt["global_batch"], "iters_per_epoch": ckpt["iters_per_epoch"]}
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and k not in RESUMABLE_FLAGS
+               and (list(v) if isinstance(v, tuple) else v) != (list(saved[k]) if isinstance(saved[k], tuple) else
+                                                                 saved[k])]
+    if changed:
+        raise common.UserError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): rerun with the "
+                               "original flags, or use another --output_dir")
+    if args.epochs < ckpt["epoch"]:
+        raise common.UserError(f"--epochs {args.epochs}: this run has already done {ckpt['epoch']} epochs")
+    if args.epochs != saved["epochs"]:
+        common.log(f"--epochs {saved['epochs']} -> {args.epochs}: the schedules are recomputed for {args.epochs} "
+                   f"epochs and the run continues from step {ckpt['step']} on them")
+    run.student.load_state_dict(ckpt["student"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    for name, module in run.saved.items():
+        module.load_state_dict(ckpt[name])
+    data.dataset.unreadable[ckpt["unreadable"]] = True
+    run.step = ckpt["step"]
+    common.log(f"resumed from {path} at step {run.step} (epoch {ckpt['epoch']})")
+
+
+@torch.no_grad()
+def save(run, data, output_dir, step, values, seconds):
+    """Save the run at `step` once every process has checked it: nothing is saved (FloatingPointError) unless every
+    tensor of the student, the method's state and the optimiser is finite, and the student's outputs on a fixed input
+    (weights can be finite yet too large to use). Rank 0 writes each file through a temporary file and a rename: the
+    timm export; at an epoch's end its line of log.txt and every --saveckp_freq epochs a numbered copy; last
+    checkpoint.pth, the resume point. A kill at any moment leaves files that the same command resumes from."""
+    tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
+    tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
+                if torch.is_tensor(t) and t.is_floating_point()]
+    size = run.args.global_crops_size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(run.device)
+    outputs = run.student.eval()([probe])
+    run.student.train()
+    tensors += [outputs] if torch.is_tensor(outputs) else list(outputs)
+    if common.all_reduce_mean(torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()).item() < 1:
+        raise FloatingPointError("non-finite weights, optimiser state or outputs after the last step; stopping "
+                                 "without saving. Lower --lr, raise --warmup_epochs or use --precision fp32.")
+    if common.get_rank() != 0:
+        return
+    epoch = step // run.iters_per_epoch
+    state = dict(method=METHOD, arch=run.arch, args=vars(run.args), step=step, epoch=epoch,
+                 global_batch=run.global_batch, iters_per_epoch=run.iters_per_epoch, student=run.student.state_dict(),
+                 optimizer=run.optimizer.state_dict(), unreadable=data.dataset.unreadable.nonzero()[:, 0].tolist(),
+                 **{name: module.state_dict() for name, module in run.saved.items()})
+    common.export_timm(run.student.backbone, run.arch, output_dir / "student_timm.pth")
+    if step % run.iters_per_epoch == 0:
+        record = dict(epoch=epoch - 1, step=step, **{k: sum(v[k] for v in values) / len(values) for k in values[0]},
+                      lr=run.lr_schedule[step - 1], wd=run.wd_schedule[step - 1], images_per_s=len(values) *
+                      run.global_batch / seconds, skipped_images=data.dataset.num_skipped,
+                      time=str(datetime.timedelta(seconds=int(seconds))))
+        lines = (output_dir / "log.txt").read_text().splitlines() if (output_dir / "log.txt").exists() else []
+        if not lines or json.loads(lines[-1])["epoch"] != record["epoch"]:  # an epoch redone after a kill: logged once
+            with open(output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if run.args.saveckp_freq and epoch % run.args.saveckp_freq == 0:
+            common.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
+    common.save_atomic(state, output_dir / "checkpoint.pth")
+
+
+def run_main():
+    """The entry point. Exit codes: 0 done; 2 a user error (one line on stderr; ROB_DEBUG=1 shows the traceback); 3
+    training diverged (non-finite loss or weights; nothing was saved); 128 + N stopped by signal N after saving a
+    checkpoint to resume from (SIGTERM 143, Ctrl-C 130, SIGUSR1 138)."""
+    code = 0
+    try:
+        code = main(argparse.ArgumentParser(parents=[get_args_parser()],
+                                            formatter_class=argparse.ArgumentDefaultsHelpFormatter).parse_args())
+    except (common.UserError, FloatingPointError) as err:
+        if os.environ.get("ROB_DEBUG"):
+            raise
+        rank = f"[rank {common.get_rank()}] " if common.get_world_size() > 1 else ""
+        print(f"{Path(sys.argv[0]).name}: {rank}error: {err}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(err, common.UserError) else 3
+    except KeyboardInterrupt:  # Ctrl-C before training started, or twice
+        code = 128 + signal.SIGINT
+    finally:
+        if dist.is_initialized():  # an open process group can abort the interpreter at exit
+            dist.destroy_process_group()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # loader workers ignore SIGTERM: stop them here, quietly
+        for child in multiprocessing.active_children():
+            child.kill()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    training.run_main(main, argparse.ArgumentParser("RoB-MSN", parents=[get_args_parser()]))
+    run_main()

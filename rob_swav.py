@@ -1,28 +1,20 @@
-"""RoB-SwAV: train a small network by distillation from a frozen, pretrained SwAV model.
+"""RoB-SwAV: train a small network by distillation from a frozen, pretrained SwAV model. Runs with common.py beside it.
 
-SwAV learns prototypes and, for each image, a code: its soft assignment to the prototypes, computed by
-Sinkhorn-Knopp so that the batch spreads evenly over the prototypes; every crop of the image must predict the
-code of another crop. RoB ("Replace one Branch") takes the codes from a released SwAV ResNet-50 instead
-(backbone + projection head + prototypes, frozen): Sinkhorn-Knopp on the teacher's prototype scores of global
-crop 0 (eps 0.03, 3 iterations, over the global batch), and every crop of the fresh student (ResNet-18/34/50,
-MobileNetV3...) predicts that code through its own SwAV head and prototypes.
+SwAV learns prototypes and, for each image, a code (its soft assignment to them by Sinkhorn-Knopp, spreading the batch
+evenly); every crop predicts the code of another. RoB ("Replace one Branch") takes the codes from a released SwAV
+ResNet-50, frozen: Sinkhorn on its scores of global crop 0 over the global batch, predicted by every student crop.
 
     torchrun --nproc_per_node=8 rob_swav.py --student resnet18 --data_path /data/imagenet/train --output_dir out/
 
-The recipe (the defaults): teacher SwAV RN50 (800 epochs, 3000 prototypes); student head [d, 2048, 128] (BN,
-ReLU) + L2-norm + its own 3000 prototypes, never frozen; codes by Sinkhorn (eps 0.03, 3 iterations) of the
-teacher's scores of global crop 0; CE at 0.1 for every student crop; 2 x 224 px crops (0.14, 1) + 4 x 96 px
-(0.05, 0.14), SwAV's augmentation; SGD + LARS, lr 0.3 x batch / 256 warmed up from a 16th over 10 epochs,
-cosine to a 1000th, weight decay 1e-6.
-
-`--teacher self` runs plain SwAV instead (codes from the student's own prototype scores of both global crops,
-swapped prediction): the baseline of the paper, and a way to pretrain a teacher on your own data. Its
-checkpoint is a valid --teacher for RoB.
+The recipe (the defaults): teacher SwAV RN50 (800 epochs, 3000 prototypes); student head [d, 2048, 128] (BN, ReLU) +
+L2-norm + own prototypes, never frozen; Sinkhorn epsilon 0.03, 3 iterations; CE at 0.1; 2 x 224 px crops (0.14, 1) +
+4 x 96 px (0.05, 0.14); SGD + LARS, lr 0.3 x batch / 256 from a 16th over 10 epochs, cosine to a 1000th, weight decay
+1e-6. `--teacher self` runs plain SwAV (own codes of both global crops, swapped, epsilon 0.05, prototypes frozen an
+epoch), the paper's baseline and a way to pretrain a teacher (any checkpoint.pth of this script is a valid --teacher).
 """
-import argparse
-import itertools
-import math
-import time
+import argparse, contextlib, datetime, fcntl, json, math, multiprocessing, os, signal, sys, time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -31,152 +23,85 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import training
 
+METHOD = "rob_swav"
 TEACHERS = {  # official SwAV ResNet-50 releases (backbone + projection head + 3000 prototypes): name -> file
-    "swav_rn50": "swav_800ep_pretrain",
-    "swav_rn50_400ep": "swav_400ep_pretrain",
-    "swav_rn50_200ep": "swav_200ep_pretrain",
-    "swav_rn50_100ep": "swav_100ep_pretrain",
-    "swav_rn50_400ep_bs256": "swav_400ep_bs256_pretrain",
-    "swav_rn50_200ep_bs256": "swav_200ep_bs256_pretrain",
-    "swav_rn50_400ep_2x224": "swav_400ep_2x224_pretrain",
-}
+    "swav_rn50": "swav_800ep_pretrain", "swav_rn50_400ep": "swav_400ep_pretrain",
+    "swav_rn50_200ep": "swav_200ep_pretrain", "swav_rn50_100ep": "swav_100ep_pretrain",
+    "swav_rn50_400ep_bs256": "swav_400ep_bs256_pretrain", "swav_rn50_200ep_bs256": "swav_200ep_bs256_pretrain",
+    "swav_rn50_400ep_2x224": "swav_400ep_2x224_pretrain"}
 URL = "https://dl.fbaipublicfiles.com/deepcluster/{}.pth.tar"
-OPTIMIZER_DEFAULTS = {  # SwAV's SGD + LARS (convnets); AdamW with rob_dino.py's settings (ViT students)
-    "lars": dict(lr=0.3, weight_decay=1e-6, weight_decay_end=1e-6),
-    "adamw": dict(lr=5e-4, weight_decay=0.04, weight_decay_end=0.4),
-}
+OPTIMIZER_DEFAULTS = {"lars": dict(lr=0.3, weight_decay=1e-6, weight_decay_end=1e-6),  # SwAV's, for convnets
+                      "adamw": dict(lr=5e-4, weight_decay=0.04, weight_decay_end=0.4)}  # rob_dino.py's, for ViTs
 
 
-# -------------------------------------------------------------------------------------------- arguments
-def get_args_parser():
-    parser = argparse.ArgumentParser("RoB-SwAV", add_help=False)
-    group = parser.add_argument_group("model")
-    group.add_argument("--student", default="resnet18", help="resnet18, resnet34, resnet50, mobilenet_v3, vit_tiny, "
-                       "vit_small, vit_base or any timm model name.")
-    group.add_argument("--teacher", default="swav_rn50", help=f"{', '.join(TEACHERS)} (swav_rn50: 800 epochs); a "
-                       "local file in the same format (flat state dict, 'module.' prefix; standard-width ResNet-50 "
-                       "only, the wide RN50w2/w4/w5 releases are not supported); a checkpoint.pth of this script "
-                       "(a student, or a --teacher self run, teaches the next student); or 'self' for plain SwAV.")
-    group.add_argument("--use_teacher_prototypes", action="store_true", help="Student head = MLP [d, 2048, 128] "
-                       "scored (without L2-norm) against the frozen teacher prototypes, as the reference's RN50 "
-                       "config. Default: own SwAV head [d, 2048, 128] + L2-norm + own prototypes (small students).")
-    group.add_argument("--hidden_mlp", type=int, default=2048, help="Hidden width of the student's projection head.")
-    group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (default: the "
-                       "model's own, 16); small images want small patches (7 at 28 px).")
-    group.add_argument("--drop_path_rate", type=float, default=0.0, help="Student stochastic depth (0.1 for ViT-S).")
-    group = parser.add_argument_group("codes, temperature and pairing")
-    group.add_argument("--epsilon", type=float, default=None, help="Sinkhorn regularisation: lower = sharper codes "
-                       "(default 0.03 for RoB, SwAV's 0.05 with --teacher self). Scores are cosines: below ~0.025, "
-                       "exp(-2 / eps) can underflow fp32 (NaN loss).")
-    group.add_argument("--sinkhorn_iterations", type=int, default=3, help="Sinkhorn-Knopp iterations (0: plain "
-                       "softmax(scores / epsilon), no equipartition).")
-    group.add_argument("--student_temp", type=float, default=0.1, help="Student softmax temperature.")
-    group.add_argument("--teacher_crops", type=int, default=1, choices=[1, 2], help="Global crops the teacher "
-                       "codes: 1 (crop 0; every student crop predicts its code, crop 0 included) or 2.")
-    group.add_argument("--swapped", action="store_true", help="Cross-view pairing (teacher view i -> every "
-                       "student crop but i). Default: same-view (teacher view i -> student crop i and every crop "
-                       "that is not another teacher view). Always on with --teacher self.")
-    group.add_argument("--queue_length", type=int, default=0, help="Past code-crop embeddings (global count) "
-                       "added to Sinkhorn's batch: keeps the equipartition meaningful when the global batch is "
-                       "small next to 3000 prototypes (SwAV used 3840 at a batch of 256). 0: no queue.")
-    group.add_argument("--epoch_queue_starts", type=int, default=15, help="Epoch at which the queue starts filling.")
-    group.add_argument("--freeze_prototypes_niters", type=int, default=None, help="Iterations with the student "
-                       "prototypes frozen. Default: none for RoB (the reference never freezes them); one epoch with "
-                       "--teacher self, as SwAV (313 iterations of ImageNet at batch 4096).")
-    group = parser.add_argument_group("plain-SwAV baseline (--teacher self only)")
-    group.add_argument("--feat_dim", type=int, default=128, help="Projection (prototype) dimension.")
-    group.add_argument("--nmb_prototypes", type=int, default=3000, help="Number of prototypes K.")
-    group = training.add_optimisation_args(parser, epochs=100, lr=None, min_lr=None, weight_decay=None,
-                                           weight_decay_end=None, clip_grad=0.0, helps=dict(
-        lr="Peak lr at a global batch of 256, scaled linearly (lars: 0.3, i.e. 4.8 at 4096; adamw: 5e-4).",
-        min_lr="lr at the end of the cosine, absolute (lars: peak / 1000, 0.0048 at 4096 as SwAV; adamw: 1e-5).",
-        warmup_epochs="Linear lr warm-up epochs (lars starts at peak / 16, 0.3 at 4096 as the reference; adamw "
-                      "at 0).",
-        weight_decay="Initial weight decay (lars: 1e-6 on every tensor; adamw: 0.04, not on biases and norms).",
-        weight_decay_end="Final weight decay, cosine (lars: constant; adamw: 0.4).",
-        clip_grad="Clip the global gradient norm (0: off, as SwAV)."))
-    group.add_argument("--optimizer", default="lars", choices=["lars", "adamw"], help="lars: SGD (momentum 0.9) + "
-                       "LARS (trust 0.001), SwAV's and the reference's choice for convnets; adamw: as rob_dino.py.")
-    training.add_multicrop_args(parser, (0.14, 1.0), 4, (0.05, 0.14))
-    training.add_run_args(parser)
-    return parser
+# ----------------------------------------------------------------------------------------- the RoB codes and loss
+@torch.no_grad()
+def sinkhorn_knopp(scores, epsilon, n_iters):
+    """Codes [B, K] for prototype scores [B, K]: from exp(scores / epsilon), alternately rescale the prototypes (rows of
+    Q = [K, B]) to a mass of 1/K each and the samples to 1/B each over the global batch (SwAV's equipartition); fp32,
+    one maximum subtracted everywhere for stability. Each code sums to 1."""
+    scores = scores.float()
+    q = torch.exp((scores - common.all_reduce(scores.max(), dist.ReduceOp.MAX)) / epsilon).t()  # [K, B_local]
+    n_prototypes, n_samples = q.shape[0], common.all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= common.all_reduce(q.sum())
+    for _ in range(n_iters):
+        q /= common.all_reduce(q.sum(dim=1, keepdim=True)) * n_prototypes  # each prototype: mass 1/K
+        q /= q.sum(dim=0, keepdim=True) * n_samples  # each sample: mass 1/B
+    return (q / q.sum(dim=0, keepdim=True)).t()
 
 
-def check_args(args):
-    """Fills the optimiser's defaults (lr, weight decay), then checks the flags."""
-    for key, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    training.check_args(args, positive=["epochs", "batch_size_per_gpu", "student_temp", "epsilon", "hidden_mlp",
-                                      "feat_dim", "nmb_prototypes", "global_crops_size", "local_crops_size"],
-                      non_negative=["lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
-                                    "local_crops_number", "sinkhorn_iterations", "queue_length",
-                                    "epoch_queue_starts", "freeze_prototypes_niters"],
-                      fractions=["drop_path_rate"], scales=["global_crops_scale", "local_crops_scale"])
-    if args.teacher == "self" and args.use_teacher_prototypes:
-        raise common.UserError("--use_teacher_prototypes needs a pretrained --teacher (plain SwAV learns its "
-                               "prototypes)")
+def teacher_codes(scores, epsilon, n_iters, past_scores=None):
+    """The RoB seam: the teacher's prototype scores of one view [B, K] become the target codes, by Sinkhorn over the
+    global batch, joined by the scores of the queued past embeddings if any (their codes are dropped)."""
+    batch = len(scores)
+    if past_scores is not None:
+        scores = torch.cat([scores, past_scores])
+    return sinkhorn_knopp(scores, epsilon, n_iters)[:batch]
 
 
-def build_augmentation(args):
-    """SwAV's multi-crop augmentation: colour jitter (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2, blur p 0.5
-    on every crop, no solarise, bilinear, std 0.228 for red."""
-    return common.MultiCropAugmentation(args.global_crops_size, args.local_crops_size, 2, args.local_crops_number,
-                                        args.global_crops_scale, args.local_crops_scale,
-                                        color_jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5),
-                                        solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear", std=(0.228, 0.224, 0.225))
+def view_pairs(n_teacher, n_crops, swapped=False):
+    """(teacher view, student crop) pairs: same-view (RoB's default), teacher view t -> crop t and every crop that is
+    not another teacher view; swapped (the original methods'), t -> every crop but t."""
+    if swapped:
+        return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s != t]
+    return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s == t or s >= n_teacher]
 
 
-# -------------------------------------------------------------------------------------- the frozen teacher
-def load_teacher(name_or_path):
-    """The frozen RoB teacher (backbone + projection head + prototypes, eval, no grad) from an official name
-    (downloaded once into the torch.hub cache) or a local file."""
-    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name]), "SwAV release")
-    return teacher_from_checkpoint(common.load_file(source, "SwAV teacher checkpoint"), source)
+def multi_crop_cross_entropy(student_logits, target_probs, pairs, student_temp):
+    """Mean over pairs of the batch-mean cross-entropy H(target_probs[t], softmax(student_logits[s] / T)).
+    student_logits: [n_crops * B, K], target_probs: [n_teacher * B, K], both crop-major; in fp32."""
+    n_crops, n_teacher = max(s for _, s in pairs) + 1, max(t for t, _ in pairs) + 1
+    student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1).chunk(n_crops)
+    targets = target_probs.chunk(n_teacher)
+    return sum(-(targets[t] * student_log_probs[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
 
 
-def teacher_from_checkpoint(ckpt, source):
-    """Recognise the checkpoint's format, build the matching backbone and head from its tensors and load
-    them strictly. Accepts the SwAV releases and this script's own; refuses the rest with the fix."""
-    flat = common.strip_prefix(ckpt.get("state_dict", ckpt), "module.") if isinstance(ckpt, dict) else {}
-    if isinstance(ckpt, dict) and ckpt.get("method") == "rob_swav":  # a RoB student or a --teacher self run
-        sd = ckpt["student"]
-        head_sd = common.sub_state_dict(sd, "head.")
-        head = head_from_state_dict(head_sd)  # always scored as SwAV: cosine, bounded scores for Sinkhorn
-        backbone = common.recorded_backbone(ckpt, sd, source)
-    elif isinstance(ckpt, dict) and ckpt.get("method") is None and "prototypes.weight" in flat:  # a SwAV release
-        flat = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in flat.items()}  # fp16
-        backbone_sd = {k: v for k, v in flat.items() if not k.startswith(("projection_head.", "prototypes."))}
-        try:
-            backbone, _ = common.backbone_from_state_dict(backbone_sd)
-        except ValueError as err:
-            raise common.UserError(f"{source}: {err}. Use a standard ResNet-50 SwAV release ({', '.join(TEACHERS)}).") \
-                from None
-        head_sd = {k: v for k, v in flat.items() if k.startswith(("projection_head.", "prototypes."))}
-        head = head_from_state_dict(head_sd)
-        common.load_strict(backbone, backbone_sd, source, "SwAV release backbone")
-    else:
-        common.refuse_teacher(ckpt, source, "rob_swav", "its projection head and prototypes "
-                              "('module.prototypes.weight')",
-                              URL.format(TEACHERS["swav_rn50"]))
-    common.load_strict(head, head_sd, source, "SwAV projection head and prototypes")
-    return common.freeze(MultiCropNetwork(backbone, head))
+class EmbeddingQueue(nn.Module):
+    """Optional queue of past embeddings of the code crops (SwAV's fix for small batches), whose scores against the
+    prototypes join Sinkhorn's batch; the same on every process (new entries all-gathered), newest first."""
+
+    def __init__(self, n_views, length, dim):
+        super().__init__()
+        self.register_buffer("embeddings", torch.zeros(n_views, length, dim))
+
+    def share(self, view):
+        return self.embeddings[view, common.get_rank()::common.get_world_size()]
+
+    @torch.no_grad()
+    def push(self, embeddings):  # [n_views * B_local, dim], crop-major
+        for view, local in enumerate(embeddings.float().chunk(len(self.embeddings))):
+            if dist.is_initialized():
+                gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+                dist.all_gather(gathered, local.contiguous())
+                local = torch.cat(gathered)
+            self.embeddings[view] = torch.cat([local, self.embeddings[view]])[:self.embeddings.shape[1]]
 
 
-def random_teacher(name):
-    """An official teacher architecture with random weights (benchmarks: nothing to download)."""
-    backbone, _ = common.build_teacher_backbone("resnet50")
-    return common.freeze(MultiCropNetwork(backbone, SwAVHead(2048)))
-
-
-# ------------------------------------------------------------------------------------------- the student
+# ---------------------------------------------------------------------------------------------------- networks
 class SwAVHead(nn.Module):
-    """SwAV's head (the official module names, so that SwAV checkpoints load): projection MLP [in, hidden, out]
-    (BN, ReLU) -> L2-normalise -> prototypes (linear, no bias). Returns (embedding, prototype scores), in fp32
-    after the projection (a frozen teacher keeps its prototypes in fp32). `normalize=False` skips the L2-norm
-    (--use_teacher_prototypes students)."""
+    """SwAV's head (the official names): projection MLP [in, hidden, out] (BN, ReLU) -> L2-normalise (unless
+    `normalize=False`) -> prototypes. Returns (embedding, prototype scores), in fp32 after the projection."""
 
     def __init__(self, in_dim, hidden_dim=2048, out_dim=128, n_prototypes=3000, use_bn=True, normalize=True):
         super().__init__()
@@ -202,34 +127,11 @@ def normalize_prototypes(head):
         head.prototypes.weight.copy_(F.normalize(head.prototypes.weight, dim=1))
 
 
-class MultiCropNetwork(nn.Module):
-    """Backbone + head over a list of crops: one backbone pass per run of same-sized crops (the globals
-    together, the locals together), one head pass over all features. Returns (embeddings, scores), each
-    [n_crops * B, ...], crop-major."""
-
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, crops):
-        same_size_runs = itertools.groupby(crops, key=lambda crop: crop.shape[-1])
-        features = [self.backbone(torch.cat(list(run))) for _, run in same_size_runs]
-        return self.head(torch.cat(features))
-
-
-def head_from_state_dict(sd):
-    """A SwAVHead whose widths are read from its tensors."""
-    first, last = sd["projection_head.0.weight"], sd["projection_head.3.weight"]
-    return SwAVHead(first.shape[1], first.shape[0], last.shape[0], sd["prototypes.weight"].shape[0],
-                    use_bn="projection_head.1.running_mean" in sd)
-
-
 def build_student(args, teacher=None):
-    """A fresh backbone + a SwAV head with the teacher's number and width of prototypes (the flags' for plain
-    SwAV): its own prototypes, or (--use_teacher_prototypes) a frozen copy of the teacher's. Returns (network, arch)."""
-    common.seed_everything(common.mix_seed(args.seed, 0))  # the same init in every process, RoB or plain
-    backbone, dim, arch = common.build_student(args.student, args.global_crops_size, args.patch_size,
-                                               args.drop_path_rate)
+    """A fresh backbone (drawn from the torch RNG) + a SwAV head with the teacher's number and width of prototypes (the
+    flags' for plain SwAV), or (--use_teacher_prototypes) a frozen copy of them. Returns (network, arch)."""
+    backbone, dim, arch = common.student_backbone(args.student, args.global_crops_size, args.patch_size,
+                                                  args.drop_path_rate)
     n_prototypes, feat_dim = (args.nmb_prototypes, args.feat_dim) if teacher is None else \
         teacher.head.prototypes.weight.shape
     head = SwAVHead(dim, args.hidden_mlp, feat_dim, n_prototypes, use_bn=not common.is_vit(backbone),
@@ -237,71 +139,39 @@ def build_student(args, teacher=None):
     if args.use_teacher_prototypes:  # a frozen copy: saved with the student, never optimised nor renormalised
         head.prototypes.weight.data.copy_(teacher.head.prototypes.weight)
         head.prototypes.requires_grad_(False)
-    return MultiCropNetwork(backbone, head), arch
+    return common.MultiCropNetwork(backbone, head), arch
 
 
-# -------------------------------------------------------------------------------- the RoB target and loss
-def all_reduce(tensor, op=dist.ReduceOp.SUM):
-    """In-place all-reduce over the processes (identity in a single process); returns the tensor."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op)
-    return tensor
+def load_teacher(name_or_path):
+    """The frozen RoB teacher from an official name (downloaded once), a SwAV release or this script's checkpoint."""
+    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name]), "SwAV release")
+    return teacher_from_checkpoint(common.load_file(source, "SwAV teacher checkpoint"), source)
 
 
-@torch.no_grad()
-def sinkhorn_knopp(scores, epsilon, n_iters):
-    """Codes [B, K] for prototype scores [B, K]: starting from exp(scores / epsilon), alternately rescale the
-    prototypes (rows of Q = [K, B]) to a mass of 1/K each and the samples (columns) to 1/B each, so that the
-    batch is spread evenly over the prototypes (SwAV's equipartition). B is the global batch: the sums over
-    samples are all-reduced. fp32, with one maximum subtracted everywhere for stability. Each code sums to 1."""
-    scores = scores.float()
-    q = torch.exp((scores - all_reduce(scores.max(), dist.ReduceOp.MAX)) / epsilon).t()  # [K, B_local]
-    n_prototypes, n_samples = q.shape[0], all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
-    q /= all_reduce(q.sum())
-    for _ in range(n_iters):
-        q /= all_reduce(q.sum(dim=1, keepdim=True)) * n_prototypes  # each prototype: mass 1/K
-        q /= q.sum(dim=0, keepdim=True) * n_samples  # each sample: mass 1/B
-    return (q / q.sum(dim=0, keepdim=True)).t()
+def teacher_from_checkpoint(ckpt, source):
+    backbone, sd, _ = common.teacher_parts(ckpt, source, METHOD, URL.format(TEACHERS["swav_rn50"]))
+    first, last = sd["projection_head.0.weight"], sd["projection_head.3.weight"]  # the file's sizes; scored as SwAV
+    head = SwAVHead(first.shape[1], first.shape[0], last.shape[0], sd["prototypes.weight"].shape[0],  # (cosines:
+                    use_bn="projection_head.1.running_mean" in sd)  # bounded scores for Sinkhorn)
+    common.load_strict(head, sd, source, "SwAV projection head and prototypes")
+    return common.freeze(common.MultiCropNetwork(backbone, head))
 
 
-def teacher_codes(scores, epsilon, n_iters, past_scores=None):
-    """The RoB seam: the teacher's prototype scores of one view [B, K] become the target codes, by Sinkhorn
-    over the global batch, joined by the scores of the queued past embeddings if any (their codes are dropped)."""
-    batch = len(scores)
-    if past_scores is not None:
-        scores = torch.cat([scores, past_scores])
-    return sinkhorn_knopp(scores, epsilon, n_iters)[:batch]
+# ------------------------------------------------------------------ the plain-SwAV baseline (--teacher self), LARS
+def collapse_warning(loss, n_prototypes, epsilon):
+    """Plain SwAV's failure at small scale: codes and predictions go uniform, the loss sits at ln K with no gradient
+    left. SwAV's first remedy is sharper codes (a lower epsilon). The message for an epoch's last loss, or None."""
+    if abs(loss - math.log(n_prototypes)) > 0.015:
+        return None
+    return (f"the loss {loss:.4f} at the end of the epoch sits at ln {n_prototypes} = {math.log(n_prototypes):.4f}: "
+            f"plain SwAV has collapsed (uniform codes, no gradient). Restart with a lower --epsilon (now {epsilon:g}, "
+            f"e.g. {max(epsilon * 0.6, 0.025):.2g}; below ~0.025 fp32 can underflow).")
 
 
-class EmbeddingQueue(nn.Module):
-    """Optional queue of past embeddings of the code crops (SwAV's fix for small batches). Their scores against
-    the current prototypes (RoB: the teacher's frozen ones, so a queue of past teacher scores) join Sinkhorn's
-    batch. Kept whole and identical on every process (new entries are all-gathered), newest first; each process
-    adds its own share of it, so the checkpoint holds all of it and resumes exactly."""
-
-    def __init__(self, n_views, length, dim):
-        super().__init__()
-        self.register_buffer("embeddings", torch.zeros(n_views, length, dim))
-
-    def share(self, view):
-        return self.embeddings[view, common.get_rank()::common.get_world_size()]
-
-    @torch.no_grad()
-    def push(self, embeddings):  # [n_views * B_local, dim], crop-major
-        for view, local in enumerate(embeddings.float().chunk(len(self.embeddings))):
-            if dist.is_initialized():
-                gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-                dist.all_gather(gathered, local.contiguous())
-                local = torch.cat(gathered)
-            self.embeddings[view] = torch.cat([local, self.embeddings[view]])[:self.embeddings.shape[1]]
-
-
-# ------------------------------------------------------------------------------------------ optimiser
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling, as SwAV and the reference use it (apex LARC,
-    clip=False, on every tensor, biases and BN parameters included): the weight decay is added to the gradient,
-    then the step of each tensor w is scaled by trust * ||w|| / (||g|| + wd * ||w||) before momentum. A tensor
-    whose weight or gradient is zero (e.g. a zero-initialised bias at the first step) takes the plain step."""
+    """SGD with momentum and layer-wise adaptive rate scaling, as SwAV (apex LARC, clip=False, every tensor): the step
+    of w, gradient plus weight decay, is scaled by trust * ||w|| / (||g|| + wd * ||w||) before momentum; a tensor
+    whose weight or gradient is zero takes the plain step."""
 
     def __init__(self, params, lr=0.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -325,158 +195,406 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
-# ---------------------------------------------------------------------- the plain-SwAV baseline (--teacher self)
-def own_codes(run, student_embeddings, student_scores, batch):
-    """Plain SwAV: no second network; the codes come from the student's own scores of both global crops (and
-    its own prototypes score the queue). RoB replaces this by the frozen teacher's scores of its crop."""
-    n_codes = 2 * batch
-    return student_embeddings[:n_codes].detach(), student_scores[:n_codes].detach(), run.student.head.prototypes.weight
-
-
-def collapse_warning(mean_loss, n_prototypes, epsilon):
-    """Plain SwAV's failure at small scale: the embeddings settle where every prototype scores them alike, codes
-    and predictions go uniform and the loss sits at ln K with no gradient left. The official SwAV README's first
-    remedy is sharper codes (a lower epsilon). Returns the message for an epoch's mean loss, or None."""
-    if abs(mean_loss - math.log(n_prototypes)) > 0.015:
-        return None
-    return (f"the epoch's mean loss {mean_loss:.4f} sits at ln {n_prototypes} = {math.log(n_prototypes):.4f}: plain "
-            f"SwAV has collapsed (uniform codes, no gradient). Restart with a lower --epsilon (now {epsilon:g}, e.g. "
-            f"{max(epsilon * 0.6, 0.025):.2g}; below ~0.025 fp32 can underflow).")
-
-
-# ------------------------------------------------------------------------------------------------ training
-def build(args, device, iters_per_epoch, student, arch, teacher=None):
-    """Everything a training step needs, as one namespace: the student (and its DDP wrapper), the frozen teacher
-    (RoB; None for plain SwAV), the queue, the pairing, the optimiser (LARS or AdamW) and the schedules."""
-    if args.optimizer == "lars":
-        optimizer = LARS([p for p in student.parameters() if p.requires_grad])
-        peak = args.lr * args.batch_size_per_gpu * common.get_world_size() / 256
-        warmup_start, min_lr = peak / 16, peak / 1000 if args.min_lr is None else args.min_lr
-    else:
-        optimizer, warmup_start, min_lr = None, 0.0, 1e-5 if args.min_lr is None else args.min_lr
-    run = training.setup_run(args, device, iters_per_epoch, student.to(device), arch, "rob_swav", optimizer=optimizer,
-                             warmup_start=warmup_start, min_lr=min_lr)
-    run.teacher, run.n_teacher = teacher, 2 if teacher is None else args.teacher_crops
+# --------------------------------------------------------------------------------------------- the training step
+def build_run(args, device, data, student, arch, teacher=None):
+    """Everything a step reads, built here once: new_run()'s fields (LARS or AdamW) and RoB-SwAV's own: `data`,
+    `teacher` (None for plain SwAV), `n_teacher` (the coded crops), `epsilon`, `pairs`, `loss_fn`, `freeze_prototypes`
+    (steps with the student's prototypes frozen), the optional `queue`, `saved` (the queue)."""
+    lars, peak = args.optimizer == "lars", args.lr * args.batch_size_per_gpu * common.get_world_size() / 256
+    optimizer = LARS([p for p in student.parameters() if p.requires_grad]) if lars else None  # None: AdamW
+    min_lr = args.min_lr if args.min_lr is not None else peak / 1000 if lars else 1e-5
+    run = new_run(args, device, student, arch, len(data.loader), optimizer, peak / 16 if lars else 0.0, min_lr)
     if teacher is not None:
-        training.place_teacher(teacher, device, run, [teacher.backbone, teacher.head.projection_head])
-        training.check_patch(teacher.backbone, args.global_crops_size)
-    if args.compile:  # in place, so that checkpoints keep their keys; ViTs per block (fast to compile)
-        for network in [student] + ([teacher] if teacher is not None else []):
-            training.compile_model(network.backbone)
-            network.head.compile()
-    run.loss_fn = torch.compile(common.multi_crop_cross_entropy) if args.compile else common.multi_crop_cross_entropy
+        teacher = common.place_teacher(teacher, device, run.teacher_dtype, [teacher.backbone,
+                                                                            teacher.head.projection_head])
+        common.check_patch(teacher.backbone, args.global_crops_size)
+    if args.compile:
+        for network in [run.student] + ([teacher] if teacher is not None else []):
+            common.compile_network(network)
+    run.data, run.teacher, run.n_teacher = data, teacher, 2 if teacher is None else args.teacher_crops
+    run.loss_fn = torch.compile(multi_crop_cross_entropy) if args.compile else multi_crop_cross_entropy
     run.epsilon = args.epsilon if args.epsilon is not None else 0.05 if teacher is None else 0.03
-    run.pairs = common.view_pairs(run.n_teacher, 2 + args.local_crops_number, swapped=args.swapped or teacher is None)
-    run.own_prototypes = not args.use_teacher_prototypes
+    run.pairs = view_pairs(run.n_teacher, 2 + args.local_crops_number, swapped=args.swapped or teacher is None)
     run.freeze_prototypes = args.freeze_prototypes_niters if args.freeze_prototypes_niters is not None else \
-        iters_per_epoch if teacher is None else 0  # plain SwAV: the first epoch; RoB: never (the reference)
-    feat_dim = student.head.prototypes.weight.shape[1]
-    run.queue = EmbeddingQueue(run.n_teacher, args.queue_length, feat_dim).to(device) if args.queue_length else None
-    run.queue_start = args.epoch_queue_starts * iters_per_epoch  # filled from then on, used once full
-    run.queue_full = run.queue_start + math.ceil(args.queue_length / run.global_batch)
-    common.log(f"student {args.student}: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.1f}M "
-               f"parameters, {student.head.prototypes.weight.shape[0]} prototypes of dim {feat_dim}; teacher: "
-               f"{args.teacher}, epsilon {run.epsilon}")
+        run.iters_per_epoch if teacher is None else 0  # plain SwAV: the first epoch; RoB: never (the reference)
+    run.queue = EmbeddingQueue(run.n_teacher, args.queue_length, student.head.prototypes.weight.shape[1]).to(device) \
+        if args.queue_length else None
+    run.saved = {} if run.queue is None else dict(queue=run.queue)
     return run
 
 
-def teacher_forward(run, crops):
-    """The frozen teacher's (embeddings, prototype scores) of its crops."""
-    with torch.no_grad():
-        return run.teacher([c.to(run.teacher_dtype) for c in crops[:run.n_teacher]])
-
-
 @torch.no_grad()
-def codes_of(run, embeddings, scores, prototypes, it):
-    """Sinkhorn codes of each coded view over the global batch (and the queue, once full), then queue the
-    embeddings."""
-    use_queue = run.queue is not None and it >= run.queue_full
+def codes_of(run, embeddings, scores, prototypes, step):
+    """Sinkhorn codes of each coded view over the global batch (and the queue: filled from --epoch_queue_starts)."""
+    queue_start = run.args.epoch_queue_starts * run.iters_per_epoch
+    use_queue = run.queue is not None and step >= queue_start + math.ceil(run.args.queue_length / run.global_batch)
     codes = torch.cat([teacher_codes(view_scores, run.epsilon, run.args.sinkhorn_iterations,
                                      run.queue.share(v) @ prototypes.float().t() if use_queue else None)
                        for v, view_scores in enumerate(scores.float().chunk(run.n_teacher))])
-    if run.queue is not None and it >= run.queue_start:
+    if run.queue is not None and step >= queue_start:
         run.queue.push(embeddings)
     return codes
 
 
-def train_step(run, crops, it):
-    """One optimisation step on a batch (list of crops, globals first); returns the loss, a 1-element tensor."""
-    training.start_step(run, it)  # lr, weight decay, and a seed per step for drop-path (exact resume)
-    teacher_out = run.side_stream.start(teacher_forward, run, crops) if run.teacher is not None else None
-    with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp):
-        student_embeddings, student_scores = run.student_ddp(crops)
-    if run.teacher is None:
-        embeddings, scores, prototypes = own_codes(run, student_embeddings, student_scores, len(crops[0]))
+def train_step(run, batch, indices, step):
+    """One optimisation step on a loader batch; returns {"train_loss": the loss}."""
+    crops = common.crops_on_device(run.data, batch, indices, run.device, step, not common.is_vit(run.student.backbone))
+    if run.teacher is not None:
+        with torch.no_grad():
+            embeddings, scores = run.teacher([c.to(run.teacher_dtype) for c in crops[:run.n_teacher]])
+    with torch.autocast(run.device.type, torch.bfloat16, enabled=run.amp):
+        student_embeddings, student_scores = run.ddp(crops)
+    if run.teacher is None:  # plain SwAV: the student's own scores of both global crops (and prototypes) give the codes
+        n_codes, prototypes = 2 * len(crops[0]), run.student.head.prototypes.weight
+        embeddings, scores = student_embeddings[:n_codes].detach(), student_scores[:n_codes].detach()
     else:
-        (embeddings, scores), prototypes = run.side_stream.join(teacher_out), run.teacher.head.prototypes.weight
-    codes = codes_of(run, embeddings, scores, prototypes, it)
-    loss = run.loss_fn(student_scores, codes, run.pairs, run.args.student_temp)
+        prototypes = run.teacher.head.prototypes.weight
+    loss = run.loss_fn(student_scores, codes_of(run, embeddings, scores, prototypes, step), run.pairs,
+                       run.args.student_temp)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)
+    loss.backward()
     if run.args.clip_grad:
         nn.utils.clip_grad_norm_(run.student.parameters(), run.args.clip_grad)
-    if run.own_prototypes and it < run.freeze_prototypes:  # prototypes frozen for the first iterations
+    if step < run.freeze_prototypes:  # own prototypes frozen for the first steps (a teacher's copy always is)
         run.student.head.prototypes.weight.grad = None
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    if run.own_prototypes:
-        normalize_prototypes(run.student.head)
-    return loss.detach()[None]
-
-
-def train_one_epoch(run, data, epoch, step, stop):
-    """The steps of `epoch` from `step` (mid-epoch after a resume) to its end or to a stop request (Ctrl-C,
-    SIGTERM), then a checkpoint. Loss values are read one step late (the host never waits for the GPU).
-    Returns (step, whether to stop)."""
-    first = step - epoch * run.iters_per_epoch
-    data.sampler.set_epoch(epoch, start_batch=first)
-    stats, start, stopping = training.StepStats(["train_loss"]), time.time(), False
-    progress = tqdm(data.loader, desc=f"epoch {epoch}", initial=first, total=run.iters_per_epoch,
-                    disable=not common.is_main_process(), dynamic_ncols=True)
-    for batch, indices in progress:
-        crops = training.crops_on_device(batch, indices, data.dataset, data.augmentation, run.args, run.device, step,
-                                         channels_last=not common.is_vit(run.student.backbone))
-        done = stats.push(train_step(run, crops, step), stop.requested, step)
-        step += 1
-        if done:
-            progress.set_postfix(loss=f"{done[0][0]:.4f}", lr=f"{run.lr_schedule[step - 1]:.2e}")
-            if done[1]:  # every process sees the same votes: all stop after this same step
-                stopping = True
-                break
-    done = stats.flush()
-    stopping = stopping or (done is not None and done[1])
-    if run.teacher is None and epoch * run.iters_per_epoch >= run.freeze_prototypes and stats.epoch_values:
-        warning = collapse_warning(stats.means()["train_loss"], run.student.head.prototypes.weight.shape[0],
-                                   run.epsilon)
-        if warning:
+    run.optimizer.step()
+    normalize_prototypes(run.student.head)
+    if run.teacher is None and (step + 1) % run.iters_per_epoch == 0 and step + 1 - run.iters_per_epoch >= \
+            run.freeze_prototypes:  # the last step of an epoch after the frozen ones: has plain SwAV collapsed?
+        if warning := collapse_warning(loss.item(), run.student.head.prototypes.weight.shape[0], run.epsilon):
             common.log(f"warning: {warning}")
-    training.check_state([run.student], run.optimizer, probe=lambda: run.student(crops)[1])
-    training.save_run(run, data, step, stats, time.time() - start,
-                      {"queue": run.queue.state_dict()} if run.queue is not None else {})
-    return step, stopping
+    return {"train_loss": loss}
+
+
+# ------------------------------------------------------------------------------------------ flags and main()
+def get_args_parser():
+    parser = argparse.ArgumentParser("RoB-SwAV", add_help=False)
+    group = parser.add_argument_group("model")
+    group.add_argument("--student", default="resnet18", help="resnet18, mobilenet_v3, vit_tiny... or any timm name.")
+    group.add_argument("--teacher", default="swav_rn50", help=f"{', '.join(TEACHERS)} (800 epochs); a SwAV release "
+                       "file (standard-width RN50); a checkpoint.pth of this script; or 'self' for plain SwAV.")
+    group.add_argument("--use_teacher_prototypes", action="store_true", help="Score the student's MLP (no L2-norm) "
+                       "against the teacher's frozen prototypes, as the reference's RN50 config.")
+    group.add_argument("--hidden_mlp", type=int, default=2048, help="Hidden width of the student's projection head.")
+    group.add_argument("--patch_size", type=int, default=None, help="ViT student patch size (7 at 28 px).")
+    group.add_argument("--drop_path_rate", type=float, default=0.0, help="Student stochastic depth (0.1 for ViT-S).")
+    group = parser.add_argument_group("codes, temperature and pairing")
+    group.add_argument("--epsilon", type=float, default=None, help="Sinkhorn regularisation, lower: sharper codes "
+                       "(default 0.03 for RoB, 0.05 for plain SwAV); below ~0.025 fp32 can underflow.")
+    group.add_argument("--sinkhorn_iterations", type=int, default=3, help="Sinkhorn-Knopp iterations.")
+    group.add_argument("--student_temp", type=float, default=0.1, help="Student softmax temperature.")
+    group.add_argument("--teacher_crops", type=int, default=1, choices=[1, 2], help="Global crops the teacher codes.")
+    group.add_argument("--swapped", action="store_true", help="Cross-view pairing (always on with --teacher self).")
+    group.add_argument("--queue_length", type=int, default=0, help="Past code-crop embeddings added to Sinkhorn's "
+                       "batch, for global batches small next to K (SwAV: 3840 at 256). 0: no queue.")
+    group.add_argument("--epoch_queue_starts", type=int, default=15, help="Epoch at which the queue starts filling.")
+    group.add_argument("--freeze_prototypes_niters", type=int, default=None, help="Steps with frozen prototypes "
+                       "(default: 0 for RoB, an epoch for plain SwAV).")
+    group.add_argument("--optimizer", default="lars", choices=["lars", "adamw"], help="lars: SGD + LARS (convnets, "
+                       "lr 0.3, weight decay 1e-6); adamw: as rob_dino.py (ViTs, lr 5e-4, weight decay 0.04 -> 0.4).")
+    group = parser.add_argument_group("plain-SwAV baseline (--teacher self only)")
+    group.add_argument("--feat_dim", type=int, default=128, help="Projection (prototype) dimension.")
+    group.add_argument("--nmb_prototypes", type=int, default=3000, help="Number of prototypes K.")
+    add_run_args(parser)  # optimisation, multi-crop, data and runtime; RoB-SwAV's defaults (None: --optimizer's):
+    parser.set_defaults(epochs=100, lr=None, min_lr=None, weight_decay=None, weight_decay_end=None,
+                        local_crops_number=4, global_crops_scale=(0.14, 1.0), local_crops_scale=(0.05, 0.14))
+    return parser
+
+
+def check_args(args):
+    for key, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_flags(args, positive=["student_temp", "epsilon", "hidden_mlp", "feat_dim", "nmb_prototypes"],
+                non_negative=["sinkhorn_iterations", "queue_length", "epoch_queue_starts", "freeze_prototypes_niters"],
+                fractions=["drop_path_rate"])
+    if args.teacher == "self" and args.use_teacher_prototypes:
+        raise common.UserError("--use_teacher_prototypes needs a pretrained --teacher (plain SwAV learns its own)")
+
+
+def build_augmentation(args):
+    """SwAV's augmentation: colour jitter (0.8, 0.8, 0.8, 0.2), blur p 0.5, no solarisation, bilinear, red std 0.228."""
+    return common.MultiCropAugmentation(args.global_crops_size, args.local_crops_size, 2, args.local_crops_number,
+                                        args.global_crops_scale, args.local_crops_scale,
+                                        color_jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5),
+                                        solarize_p=(0.0, 0.0, 0.0), interpolation="bilinear", std=(0.228, 0.224, 0.225))
 
 
 def main(args):
     check_args(args)
-    rank, world_size, device = common.init_distributed()
-    data = training.build_training_data(args, build_augmentation(args))
-    teacher = None if args.teacher == "self" else load_teacher(args.teacher)
-    student, arch = build_student(args, teacher)
-    run = build(args, device, len(data.loader), student, arch, teacher)
-    with training.OutputDir(args.output_dir) as output_dir:
-        ckpt = training.resume(run, data, output_dir, "rob_swav")
-        if ckpt is not None and run.queue is not None and "queue" in ckpt:
-            run.queue.load_state_dict(ckpt["queue"])
-        stop, step = training.StopRequest(), run.start_step
-        for epoch in range(step // run.iters_per_epoch, args.epochs):
-            step, stopping = train_one_epoch(run, data, epoch, step, stop)
-            if stopping:
-                common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
-                return stop.exit_code()
-        training.finish(output_dir, run.student.backbone, run.arch)
+    device = common.init_distributed()
+    with locked_output_dir(args.output_dir) as output_dir:  # locked before any expensive work
+        data = common.training_data(args.data_path, build_augmentation(args), args.batch_size_per_gpu,
+                                    args.num_workers, args.seed, args.subset, args.gpu_augment)
+        teacher = None if args.teacher == "self" else load_teacher(args.teacher)
+        torch.manual_seed(common.mix_seed(args.seed, 0))  # the same initial student in every process, RoB or plain
+        student, arch = build_student(args, teacher)
+        run = build_run(args, device, data, student, arch, teacher)
+        return train(run, data, output_dir, train_step)
+
+
+# ======================================================================================================================
+# Run machinery, the same text in the four rob_*.py files (tests/test_copies.py keeps it so): nothing of the method.
+# ======================================================================================================================
+def add_run_args(parser):
+    """The flags of every script, with generic defaults (a method sets its own with parser.set_defaults)."""
+    group = parser.add_argument_group("optimisation and multi-crop")
+    group.add_argument("--epochs", type=int, default=100)
+    group.add_argument("--batch_size_per_gpu", type=int, default=64, help="Global batch = this x processes.")
+    group.add_argument("--lr", type=float, default=5e-4, help="Peak lr at a global batch of 256, scaled linearly.")
+    group.add_argument("--min_lr", type=float, default=1e-5, help="lr at the end of the cosine.")
+    group.add_argument("--warmup_epochs", type=int, default=10, help="Linear lr warm-up.")
+    group.add_argument("--weight_decay", type=float, default=0.04, help="Initial weight decay (none on biases, norms).")
+    group.add_argument("--weight_decay_end", type=float, default=0.4, help="Final weight decay (cosine).")
+    group.add_argument("--clip_grad", type=float, default=0.0, help="Clip the global gradient norm (0: off).")
+    group.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.25, 1.0), help="Area fractions.")
+    group.add_argument("--local_crops_number", type=int, default=8, help="Small crops (student only).")
+    group.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.25), help="Area fractions.")
+    group.add_argument("--global_crops_size", type=int, default=224)
+    group.add_argument("--local_crops_size", type=int, default=96)
+    group = parser.add_argument_group("data, output and runtime")
+    group.add_argument("--data_path", help="Required: an ImageFolder folder, 'fashion-mnist' or 'synthetic'.")
+    group.add_argument("--subset", type=int, default=0, help="Train on a seeded random subset of this many images.")
+    group.add_argument("--output_dir", default="output", help="Checkpoints, log.txt, the exported student.")
+    group.add_argument("--saveckp_freq", type=int, default=20, help="Also keep checkpointNNNN.pth every N epochs.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--num_workers", type=int, default=10, help="Data loader processes per GPU.")
+    group.add_argument("--gpu_augment", action="store_true", help="Decode JPEGs and augment in batches on the device.")
+    group.add_argument("--precision", choices=["bf16", "fp32"], help="Autocast dtype (default bf16 on GPU).")
+    group.add_argument("--compile", action="store_true", help="torch.compile student and teacher (ViTs per block).")
+
+
+def check_flags(args, positive=(), non_negative=(), fractions=()):
+    """One line naming the flag for a value out of range: the shared flags and a method's own lists."""
+    positive = ("epochs", "batch_size_per_gpu", "global_crops_size", "local_crops_size", *positive)
+    non_negative = ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "subset",
+                    "local_crops_number", "num_workers", "saveckp_freq", *non_negative)
+    for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fractions, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            values = getattr(args, name)
+            values = [] if values is None else values if isinstance(values, (list, tuple)) else [values]
+            if not all(ok(v) for v in values):
+                raise common.UserError(f"--{name} {' '.join(map(str, values))}: must be {rule}")
+    for low, high, name in [(*args.global_crops_scale, "global"), (*args.local_crops_scale, "local")]:
+        if not 0 < low <= high <= 1:
+            raise common.UserError(f"--{name}_crops_scale {low} {high}: give 0 < low <= high <= 1 (area fractions)")
+    if args.warmup_epochs >= args.epochs:
+        raise common.UserError(f"--warmup_epochs {args.warmup_epochs} leaves nothing of a {args.epochs}-epoch run")
+    if args.data_path is None:
+        raise common.UserError("--data_path is required: a folder of images, 'fashion-mnist' or 'synthetic'")
+
+
+def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
+    """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
+    the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
+    256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
+    amp = device.type == "cuda" and args.precision != "fp32"
+    student, ddp = common.place_student(student, device)
+    global_batch = args.batch_size_per_gpu * common.get_world_size()
+    return SimpleNamespace(
+        args=args, device=device, amp=amp, teacher_dtype=torch.bfloat16 if amp else torch.float32, student=student,
+        ddp=ddp, arch=arch, iters_per_epoch=iters_per_epoch, global_batch=global_batch, step=0,
+        optimizer=optimizer or torch.optim.AdamW(param_groups(student), fused=device.type == "cuda"),
+        lr_schedule=cosine_schedule(args.lr * global_batch / 256, args.min_lr if min_lr is None else min_lr,
+                                    args.epochs, iters_per_epoch, args.warmup_epochs, warmup_start),
+        wd_schedule=cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch))
+
+
+def param_groups(model):
+    """AdamW groups: weight decay on weight matrices and kernels only (the first group's follows the schedule)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
+    """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
+    if warmup_epochs >= epochs:
+        raise common.UserError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
+                               "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
+    warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
+    steps = epochs * iters_per_epoch - len(warmup)
+    cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
+    return torch.cat([warmup, cosine]).tolist()
+
+
+def train(run, data, output_dir, train_step):
+    """Resume the run if output_dir holds one, train to the end of --epochs, saving after every epoch and when SIGTERM,
+    SIGINT or SIGUSR1 ask to stop (a second Ctrl-C stops at once). Returns the exit code: 0, or 128 + the signal."""
+    args, stop = run.args, []
+    common.log(f"{METHOD}: student {args.student} ({sum(p.numel() for p in run.student.parameters()) / 1e6:.1f}M "
+               f"parameters) <- teacher {args.teacher}; {len(data.dataset)} images from {args.data_path}, "
+               f"{run.iters_per_epoch} steps x {args.epochs} epochs; output in {output_dir}")
+    resume(run, data, output_dir)
+
+    def request_stop(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+    step = run.step
+    for epoch in range(step // run.iters_per_epoch, args.epochs):
+        data.sampler.set_epoch(epoch, start_batch=step - epoch * run.iters_per_epoch)  # mid-epoch after a resume
+        logged, stopping, start = [], False, time.time()
+        progress = tqdm(data.loader, desc=f"epoch {epoch}", initial=step - epoch * run.iters_per_epoch,
+                        total=run.iters_per_epoch, disable=common.get_rank() != 0, dynamic_ncols=True)
+        for batch, indices in progress:
+            for i, group in enumerate(run.optimizer.param_groups):  # the step's lr and weight decay (first group)
+                group.update(lr=run.lr_schedule[step], **({"weight_decay": run.wd_schedule[step]} if i == 0 else {}))
+            torch.manual_seed(common.mix_seed(args.seed, common.get_rank(), step))  # drop-path, token drops: resumable
+            terms = train_step(run, batch, indices, step)  # name -> 0-d tensor, read with every process's stop vote
+            values = torch.stack([*terms.values(), terms["train_loss"].new_tensor(float(bool(stop)))]).detach().float()
+            *values, votes = common.all_reduce_mean(values).tolist()
+            if not math.isfinite(values[0]):
+                raise FloatingPointError(f"non-finite loss {values[0]} at step {step}; stopping without saving. Lower "
+                                         "--lr, raise --warmup_epochs or use --precision fp32.")
+            logged, step, stopping = logged + [dict(zip(terms, values))], step + 1, votes > 0
+            progress.set_postfix({**{k: f"{v:.4f}" for k, v in logged[-1].items()}, "lr": run.lr_schedule[step - 1]})
+            if stopping:  # every process read the same votes: all stop after the same step
+                break
+        save(run, data, output_dir, step, logged, time.time() - start)
+        if stopping:
+            common.log(f"stopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+            return 128 + (stop[0] if stop else signal.SIGTERM)  # a process stopped by another's vote: as by SIGTERM
+    if common.get_rank() == 0:  # exported again: a finished run rerun after its export was lost has it back
+        call = common.export_timm(run.student.backbone, run.arch, output_dir / "student_timm.pth")
+        common.log(f"done; student backbone for timm: {call}")
     return 0
 
 
+@contextlib.contextmanager
+def locked_output_dir(path):
+    """--output_dir for the life of a run (rank 0): created, locked so that a second run on it stops at once, cleared
+    of killed runs' temporary files; removed again if this run created it and failed before writing to it."""
+    path, created = Path(path), not Path(path).exists()
+    if common.get_rank() != 0:
+        yield path
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = open(path / ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
+    except OSError as err:
+        raise common.UserError(f"--output_dir {path} is in use by another run: wait for it to end or use another one"
+                               if isinstance(err, BlockingIOError) else f"cannot create or write --output_dir {path} "
+                               f"({err.strerror}): choose another folder") from None
+    with lock:
+        for stale in path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        try:
+            yield path
+        except BaseException:
+            if created and [p.name for p in path.iterdir()] == [".lock"]:
+                (path / ".lock").unlink()
+                path.rmdir()
+            raise
+
+
+RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp_freq", "epochs", "precision"}
+
+
+def resume(run, data, output_dir):
+    """Continue from output_dir/checkpoint.pth if there is one; refused, with the differences, if another script
+    wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), global batch or steps per epoch. A longer
+    --epochs is allowed: the schedules are those of the new length."""
+    path, args = output_dir / "checkpoint.pth", run.args
+    if not path.is_file():
+        return
+    ckpt = common.load_file(path, "resume checkpoint")
+    if ckpt.get("method") != METHOD:
+
+        raise common.UserError(f"{path} was written by {ckpt.get('method', 'another program')}, not {METHOD}.py: use "
+                               "another --output_dir.")
+    now = {**vars(args), "global_batch": run.global_batch, "iters_per_epoch": run.iters_per_epoch}
+    saved = {**ckpt["args"], "global_batch": ckpt["global_batch"], "iters_per_epoch": ckpt["iters_per_epoch"]}
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and k not in RESUMABLE_FLAGS
+               and (list(v) if isinstance(v, tuple) else v) != (list(saved[k]) if isinstance(saved[k], tuple) else
+                                                                 saved[k])]
+    if changed:
+        raise common.UserError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): rerun with the "
+                               "original flags, or use another --output_dir")
+    if args.epochs < ckpt["epoch"]:
+        raise common.UserError(f"--epochs {args.epochs}: this run has already done {ckpt['epoch']} epochs")
+    if args.epochs != saved["epochs"]:
+        common.log(f"--epochs {saved['epochs']} -> {args.epochs}: the schedules are recomputed for {args.epochs} "
+                   f"epochs and the run continues from step {ckpt['step']} on them")
+    run.student.load_state_dict(ckpt["student"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    for name, module in run.saved.items():
+        module.load_state_dict(ckpt[name])
+    data.dataset.unreadable[ckpt["unreadable"]] = True
+    run.step = ckpt["step"]
+    common.log(f"resumed from {path} at step {run.step} (epoch {ckpt['epoch']})")
+
+
+@torch.no_grad()
+def save(run, data, output_dir, step, values, seconds):
+    """Save the run at `step` once every process has checked it: nothing is saved (FloatingPointError) unless every
+    tensor of the student, the method's state and the optimiser is finite, and the student's outputs on a fixed input
+    (weights can be finite yet too large to use). Rank 0 writes each file through a temporary file and a rename: the
+    timm export; at an epoch's end its line of log.txt and every --saveckp_freq epochs a numbered copy; last
+    checkpoint.pth, the resume point. A kill at any moment leaves files that the same command resumes from."""
+    tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
+    tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
+                if torch.is_tensor(t) and t.is_floating_point()]
+    size = run.args.global_crops_size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(run.device)
+    outputs = run.student.eval()([probe])
+    run.student.train()
+    tensors += [outputs] if torch.is_tensor(outputs) else list(outputs)
+    if common.all_reduce_mean(torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()).item() < 1:
+        raise FloatingPointError("non-finite weights, optimiser state or outputs after the last step; stopping "
+                                 "without saving. Lower --lr, raise --warmup_epochs or use --precision fp32.")
+    if common.get_rank() != 0:
+        return
+    epoch = step // run.iters_per_epoch
+    state = dict(method=METHOD, arch=run.arch, args=vars(run.args), step=step, epoch=epoch,
+                 global_batch=run.global_batch, iters_per_epoch=run.iters_per_epoch, student=run.student.state_dict(),
+                 optimizer=run.optimizer.state_dict(), unreadable=data.dataset.unreadable.nonzero()[:, 0].tolist(),
+                 **{name: module.state_dict() for name, module in run.saved.items()})
+    common.export_timm(run.student.backbone, run.arch, output_dir / "student_timm.pth")
+    if step % run.iters_per_epoch == 0:
+        record = dict(epoch=epoch - 1, step=step, **{k: sum(v[k] for v in values) / len(values) for k in values[0]},
+                      lr=run.lr_schedule[step - 1], wd=run.wd_schedule[step - 1], images_per_s=len(values) *
+                      run.global_batch / seconds, skipped_images=data.dataset.num_skipped,
+                      time=str(datetime.timedelta(seconds=int(seconds))))
+        lines = (output_dir / "log.txt").read_text().splitlines() if (output_dir / "log.txt").exists() else []
+        if not lines or json.loads(lines[-1])["epoch"] != record["epoch"]:  # an epoch redone after a kill: logged once
+            with open(output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if run.args.saveckp_freq and epoch % run.args.saveckp_freq == 0:
+            common.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
+    common.save_atomic(state, output_dir / "checkpoint.pth")
+
+
+def run_main():
+    """The entry point. Exit codes: 0 done; 2 a user error (one line on stderr; ROB_DEBUG=1 shows the traceback); 3
+    training diverged (non-finite loss or weights; nothing was saved); 128 + N stopped by signal N after saving a
+    checkpoint to resume from (SIGTERM 143, Ctrl-C 130, SIGUSR1 138)."""
+    code = 0
+    try:
+        code = main(argparse.ArgumentParser(parents=[get_args_parser()],
+                                            formatter_class=argparse.ArgumentDefaultsHelpFormatter).parse_args())
+    except (common.UserError, FloatingPointError) as err:
+        if os.environ.get("ROB_DEBUG"):
+            raise
+        rank = f"[rank {common.get_rank()}] " if common.get_world_size() > 1 else ""
+        print(f"{Path(sys.argv[0]).name}: {rank}error: {err}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(err, common.UserError) else 3
+    except KeyboardInterrupt:  # Ctrl-C before training started, or twice
+        code = 128 + signal.SIGINT
+    finally:
+        if dist.is_initialized():  # an open process group can abort the interpreter at exit
+            dist.destroy_process_group()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # loader workers ignore SIGTERM: stop them here, quietly
+        for child in multiprocessing.active_children():
+            child.kill()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    training.run_main(main, argparse.ArgumentParser("RoB-SwAV", parents=[get_args_parser()]))
+    run_main()

@@ -13,7 +13,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import gpu_augment  # noqa: E402
 
 
 def make_jpeg(args):
@@ -46,7 +45,8 @@ def main():
     print(f"[data] {len(jobs)} JPEGs, mean {sum(sizes) / len(sizes) / 1e3:.0f} KB, made in {time.time() - start:.1f} s")
 
     import rob_dino  # a DINO full checkpoint of the official layout, random weights (nothing to download here)
-    teacher = rob_dino.random_teacher("dino_vitb16")
+    from step import random_teacher
+    teacher = random_teacher(rob_dino, "dino_vitb16")
     sd = {f"backbone.{k}": v for k, v in teacher.backbone.state_dict().items()}
     head = teacher.head.state_dict()
     weight = head.pop("last_layer.weight")
@@ -57,11 +57,11 @@ def main():
     if torch.cuda.is_available():  # the --gpu_augment stages alone, on the GPU
         device = torch.device("cuda")
         raw = common.build_dataset(args.folder, raw=True)
-        batches = [gpu_augment.collate_raw([raw[i] for i in range(k, k + args.batch)])[0]
+        batches = [common.collate_raw([raw[i] for i in range(k, k + args.batch)])[0]
                    for k in range(0, 8 * args.batch, args.batch)]
         aug = common.MultiCropAugmentation()
-        for name, fn in [("decode", lambda b: gpu_augment.decode_images(b, device)),
-                         ("decode + multi-crop", lambda b: aug.batch(gpu_augment.decode_images(b, device)[0]))]:
+        for name, fn in [("decode", lambda b: common.decode_images(b, device)),
+                         ("decode + multi-crop", lambda b: aug.batch(common.decode_images(b, device)[0]))]:
             fn(batches[0])
             torch.cuda.synchronize()
             start = time.time()

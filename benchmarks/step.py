@@ -4,7 +4,7 @@ images/s, the FLOPs of one step (PyTorch's FLOP counter), MFU against a bf16 mat
 process, peak memory and the device; the frozen teacher's forward alone is timed the same way.
     python benchmarks/step.py rob_dino --student vit_tiny --teacher dino_vitb16 --batch_size_per_gpu 128 --steps 20
     python benchmarks/step.py rob_ibot --student vit_tiny --teacher ibot_vitb16 --batch_size_per_gpu 128 --compile
-Every flag of the method's script is accepted (crops, --compile, --no-overlap_teacher, --precision...)."""
+Every flag of the method's script is accepted (crops, --compile, --precision...)."""
 import argparse
 import importlib
 import json
@@ -71,27 +71,51 @@ def measure(step, steps, images_per_step, flops_per_image, device, dtype, title,
     return result
 
 
+def teacher_backbone(name, patch_size=16):
+    """An official teacher backbone by family name (vit_small / vit_base / vit_large, any patch; resnet50), random."""
+    if name == "resnet50":
+        return common.create_backbone(dict(name="resnet50", kwargs=dict(num_classes=0)))
+    return common.create_backbone(dict(name=f"{name}_patch16_224", kwargs=dict(num_classes=0, patch_size=patch_size,
+                                                                              dynamic_img_size=True)))
+
+
+def random_teacher(module, name):
+    """The official teacher architecture `name` of a method with random weights (nothing to download)."""
+    release = module.TEACHERS[name]
+    backbone = teacher_backbone(*release[1:]) if isinstance(release, tuple) else teacher_backbone("resnet50")
+    dim = common.feature_dim(backbone)
+    if module.__name__ == "rob_dino":
+        return common.freeze(common.MultiCropNetwork(backbone, module.DINOHead(dim, 65536, weight_norm=False)))
+    if module.__name__ == "rob_ibot":
+        return common.freeze(module.iBOTNetwork(backbone, module.iBOTHead(dim, 8192, 8192, weight_norm=False)))
+    if module.__name__ == "rob_msn":
+        prototypes = torch.nn.functional.normalize(torch.randn(1024, 256), dim=-1)
+        return common.freeze(module.MSNNetwork(backbone, module.MSNProjection(dim), prototypes=prototypes))
+    return common.freeze(common.MultiCropNetwork(backbone, module.SwAVHead(dim)))
+
+
 def synthetic_batch(module, args, run):
-    """The batch the method's train_step takes, random, on the device (iBOT: crops and block masks)."""
+    """The loader batch the method's train_step takes, random, already on the device (iBOT: crops and block masks)."""
     b, g, l, device = args.batch_size_per_gpu, args.global_crops_size, args.local_crops_size, run.device
     crops = ([torch.randn(b, 3, g, g, device=device) for _ in range(2)]
              + [torch.randn(b, 3, l, l, device=device) for _ in range(args.local_crops_number)])
-    if not common.is_vit(run.student.backbone):
-        crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
     if module.__name__ == "rob_ibot":
         import random
         patch = run.student.backbone.patch_embed.patch_size[0]
         masks = module.BlockMaskGenerator((g // patch,) * 2, args.mask_prob, args.mask_ratio)
         rng = random.Random(args.seed)
-        return crops, torch.stack([masks(rng) for _ in range(2 * b)])
+        return crops, torch.stack([torch.stack([masks(rng) for _ in range(2)]) for _ in range(b)])
     return crops
 
 
 def teacher_alone(module, run, batch):
-    if module.__name__ == "rob_ibot":
-        crops, masks = batch
-        return module.teacher_forward(run, crops, masks.flatten().nonzero()[:, 0].to(run.device))
-    return module.teacher_forward(run, batch)
+    """The frozen teacher's forward on the global crops, as the step runs it."""
+    crops = batch[0] if module.__name__ == "rob_ibot" else batch
+    with torch.no_grad():
+        if module.__name__ == "rob_ibot":
+            patch_index = batch[1].transpose(0, 1).flatten().nonzero()[:, 0].to(run.device)
+            return run.teacher([c.to(run.teacher_dtype) for c in crops[:2]], patch_index=patch_index)
+        return run.teacher([c.to(run.teacher_dtype) for c in crops[:getattr(run, "n_teacher", 2)]])
 
 
 def main():
@@ -103,25 +127,26 @@ def main():
     parser = argparse.ArgumentParser(f"benchmarks/step.py {method}", parents=[module.get_args_parser()])
     parser.add_argument("--steps", type=int, default=20, help="Timed steps (after 3 untimed ones).")
     parser.add_argument("--json", default=None, help="Also append the figures as JSON lines to this file.")
-    args = parser.parse_args(sys.argv[2:])
+    args = parser.parse_args(["--data_path", "synthetic", *sys.argv[2:]])
     module.check_args(args)
-    _, _, device = common.init_distributed()
-    common.seed_everything(0)
-    teacher = module.random_teacher(args.teacher)
+    device = common.init_distributed()
+    torch.manual_seed(0)
+    teacher = random_teacher(module, args.teacher)
     student, arch = module.build_student(args, teacher)
-    run = module.build(args, device, args.steps + 3, student, arch, teacher)
-    batch = synthetic_batch(module, args, run)
-    step_flops = count_flops(lambda: module.train_step(run, batch, 0))
-    teacher_flops = count_flops(lambda: teacher_alone(module, run, batch))
     b = args.batch_size_per_gpu
+    data = common.training_data("synthetic", module.build_augmentation(args), b, 0, subset=b * (args.steps + 3))
+    run = module.build_run(args, device, data, student, arch, teacher)
+    batch = synthetic_batch(module, args, run)
+    step_flops = count_flops(lambda: module.train_step(run, batch, None, 0))
+    teacher_flops = count_flops(lambda: teacher_alone(module, run, batch))
+    dtype = torch.bfloat16 if run.amp else torch.float32
     title = (f"{method} {args.student} <- {args.teacher}, batch {b}/GPU, 2x{args.global_crops_size} + "
-             f"{args.local_crops_number}x{args.local_crops_size}" + (", compiled" if args.compile else "")
-             + (", teacher on a side stream" if run.side_stream.stream is not None else ""))
-    results = [measure(lambda: teacher_alone(module, run, batch), args.steps, b, teacher_flops / b, device,
-                       run.amp_dtype, f"{title}: frozen teacher forward alone")]
+             f"{args.local_crops_number}x{args.local_crops_size}" + (", compiled" if args.compile else ""))
+    results = [measure(lambda: teacher_alone(module, run, batch), args.steps, b, teacher_flops / b, device, dtype,
+                       f"{title}: frozen teacher forward alone")]
     steps = iter(range(10 ** 9))
-    results.append(measure(lambda: module.train_step(run, batch, next(steps) % run.iters_per_epoch), args.steps, b,
-                           step_flops / b, device, run.amp_dtype, title))
+    results.append(measure(lambda: module.train_step(run, batch, None, next(steps) % run.iters_per_epoch), args.steps,
+                           b, step_flops / b, device, dtype, title))
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)

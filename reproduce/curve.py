@@ -61,8 +61,8 @@ def features(model, images, batch=1000):
 def initial_student(ckpt):
     """The run's student backbone at step 0: the scripts seed mix_seed(seed, 0) right before building it."""
     args = argparse.Namespace(**ckpt["args"])
-    common.seed_everything(common.mix_seed(args.seed, 0))
-    model, _, _ = common.build_student(args.student, args.global_crops_size, args.patch_size,
+    torch.manual_seed(common.mix_seed(args.seed, 0))
+    model, _, _ = common.student_backbone(args.student, args.global_crops_size, args.patch_size,
                                        ckpt["arch"]["kwargs"].get("drop_path_rate", 0.0))
     return model.eval()
 

@@ -21,11 +21,8 @@ def main():
     images = torch.stack([test[i][0] for i in range(512)])
     for run in sys.argv[1:]:
         path = str(Path(run) / "checkpoint.pth")
-        weights = torch.load(path, map_location="cpu", weights_only=False)["student"]
-        head_weights = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
-        head = rob_swav.head_from_state_dict(head_weights)
-        head.load_state_dict(head_weights)
-        backbone, _ = eval_linear.load_backbone(path, checkpoint_key="student", img_size=28)
+        network = rob_swav.load_teacher(path)  # the run's student, as a RoB teacher loads it
+        head, backbone = network.head, network.backbone
         with torch.no_grad():
             z, scores = head.eval()(eval_linear.backbone_features(backbone, images, 1, False))
             prototypes = head.prototypes.weight.float()

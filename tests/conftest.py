@@ -113,7 +113,7 @@ def random_init_checkpoint(path, student="vit_pico", seed=0):
     import common
     import torch
     torch.manual_seed(seed)
-    model, _, arch = common.build_student(student, 28, 7)
+    model, _, arch = common.student_backbone(student, 28, 7)
     torch.save(dict(method="rob_dino", arch=arch, student={f"backbone.{k}": v for k, v in model.state_dict().items()}),
                path)
     return path

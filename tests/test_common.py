@@ -1,4 +1,5 @@
 """common.py: backbones of the official releases, checkpoint I/O, data, multi-crop, sampler, errors."""
+import argparse
 import json
 import math
 import subprocess
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-import training
+import rob_dino
 from conftest import OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, run_script
 
 
@@ -114,16 +115,23 @@ def test_wide_resnet_is_refused_clearly():
             common.backbone_from_state_dict(backbone_part("swav_RN50w2_400ep_pretrain.pth.tar.json"))
 
 
-def test_teacher_backbones_by_name():
+def test_the_benchmarks_random_teachers_have_the_releases_shapes():
+    """benchmarks/step.py times a method's step with a random teacher of an official architecture: the same tensors,
+    names and shapes as the release loaded by the method (here from the recorded layouts)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("step", ROOT / "benchmarks" / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
     with torch.device("meta"):
-        for name, patch, width in [("vit_small", 8, 384), ("vit_base", 16, 768), ("vit_large", 7, 1024),
-                                   ("vit_base", 4, 768)]:
-            model, arch = common.build_teacher_backbone(name, patch_size=patch)
+        for name, patch, width in [("vit_small", 8, 384), ("vit_base", 16, 768), ("vit_large", 7, 1024)]:
+            model = step.teacher_backbone(name, patch)
             assert model.embed_dim == width and model.patch_embed.patch_size == (patch, patch)
-        model, _ = common.build_teacher_backbone("resnet50")
-        assert common.feature_dim(model) == 2048
-    with pytest.raises(ValueError, match="vit_small, vit_base, vit_large or resnet50"):
-        common.build_teacher_backbone("vit_huge")
+        assert common.feature_dim(step.teacher_backbone("resnet50")) == 2048
+        layout = json.loads((OFFICIAL_SCHEMAS / "dino_vitbase16_pretrain_full_checkpoint.json").read_text())
+        release = dict(teacher=schema_state_dict(layout["teacher"]), args=argparse.Namespace(arch="vit_base"))
+        loaded = rob_dino.teacher_from_checkpoint(release, "dino_vitb16")
+        random = step.random_teacher(rob_dino, "dino_vitb16")
+    assert {k: v.shape for k, v in random.state_dict().items()} == {k: v.shape for k, v in loaded.state_dict().items()}
 
 
 # --------------------------------------------------------------------------------------- checkpoint I/O
@@ -187,7 +195,7 @@ def test_save_atomic_survives_a_kill_during_the_write(tmp_path):
 
 
 def test_export_timm_loads_with_timm_pretrained_cfg_overlay(tmp_path):
-    model, dim, arch = common.build_student("vit_tiny", img_size=32, patch_size=4)
+    model, dim, arch = common.student_backbone("vit_tiny", img_size=32, patch_size=4)
     path = tmp_path / "student_timm.pth"
     call = common.export_timm(model, arch, path)
     assert "vit_tiny_patch16_224" in call and "patch_size=4" in call and "custom_load=False" in call
@@ -205,19 +213,19 @@ def test_export_timm_loads_with_timm_pretrained_cfg_overlay(tmp_path):
 
 
 def test_cosine_schedule():
-    values = training.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=10, warmup_epochs=1, warmup_start=0.0)
+    values = rob_dino.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=10, warmup_epochs=1, warmup_start=0.0)
     assert len(values) == 40
     assert values[0] == 0.0 and abs(values[10] - 1.0) < 1e-12  # warm-up reaches the base, then cosine starts
     assert all(a <= b + 1e-12 for a, b in zip(values[:10], values[1:11]))
     assert all(a >= b - 1e-12 for a, b in zip(values[10:], values[11:]))
     assert abs(values[-1] - (0.1 + 0.45 * (1 + math.cos(29 / 30 * math.pi)))) < 1e-12
     with pytest.raises(ValueError, match="--warmup_epochs"):
-        training.cosine_schedule(1.0, 0.1, epochs=2, iters_per_epoch=10, warmup_epochs=2)
+        rob_dino.cosine_schedule(1.0, 0.1, epochs=2, iters_per_epoch=10, warmup_epochs=2)
 
 
 def test_param_groups_exclude_biases_and_norms_from_weight_decay():
-    model, _, _ = common.build_student("test_vit", img_size=32, patch_size=8)
-    decay, no_decay = training.param_groups(model)
+    model, _, _ = common.student_backbone("test_vit", img_size=32, patch_size=8)
+    decay, no_decay = rob_dino.param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
     assert any("norm" in names[id(p)] for p in no_decay["params"])
@@ -226,15 +234,15 @@ def test_param_groups_exclude_biases_and_norms_from_weight_decay():
 
 # ---------------------------------------------------------------------------------------- model builders
 def test_build_student_aliases_and_timm_names():
-    model, dim, arch = common.build_student("vit_tiny", img_size=32, patch_size=4)
+    model, dim, arch = common.student_backbone("vit_tiny", img_size=32, patch_size=4)
     assert dim == 192 and model(torch.randn(1, 3, 32, 32)).shape == (1, 192)
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 192)  # local crops of another size work
-    model, dim, arch = common.build_student("mobilenet_v3")  # the reference reads the 960-d pooled features
+    model, dim, arch = common.student_backbone("mobilenet_v3")  # the reference reads the 960-d pooled features
     assert dim == 960 and model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 960)
     assert "conv_head.weight" not in model.state_dict() and common.create_backbone(arch).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 960)
-    model, dim, _ = common.build_student("resnet18")  # torchvision's init: no zero-initialised last BN per block
+    model, dim, _ = common.student_backbone("resnet18")  # torchvision's init: no zero-initialised last BN per block
     assert dim == 512 and all(block.bn2.weight.eq(1).all() for layer in (model.layer1, model.layer4) for block in layer)
-    model, dim, arch = common.build_student("test_vit", img_size=32, patch_size=4, drop_path_rate=0.1)
+    model, dim, arch = common.student_backbone("test_vit", img_size=32, patch_size=4, drop_path_rate=0.1)
     assert arch == dict(name="test_vit", kwargs=dict(num_classes=0, drop_path_rate=0.1, img_size=32,
                                                      dynamic_img_size=True, patch_size=4))
     rebuilt = common.create_backbone(arch)
@@ -243,7 +251,7 @@ def test_build_student_aliases_and_timm_names():
 
 def test_unknown_student_lists_the_aliases():
     with pytest.raises(ValueError, match="vit_tiny, vit_small, vit_base, resnet18, resnet34, resnet50, mobilenet_v3"):
-        common.build_student("vit_tinny")
+        common.student_backbone("vit_tinny")
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -324,7 +332,8 @@ SHARD_SCRIPT = """
 import json, os, sys, torch.distributed
 sys.path.insert(0, {root!r})
 import common
-rank, world, _ = common.init_distributed()
+common.init_distributed()
+rank = torch.distributed.get_rank()
 dataset = common.SyntheticDataset([(1,)], length=40)
 loader, sampler = common.build_loader(dataset, batch_size=4, num_workers=0, seed=1)
 out = {{}}

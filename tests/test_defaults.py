@@ -13,14 +13,14 @@ import rob_dino
 import rob_ibot
 import rob_msn
 import rob_swav
-import training
 from conftest import OFFICIAL_TINY
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def defaults(module, *args):
-    parsed = argparse.ArgumentParser(parents=[module.get_args_parser()]).parse_args([str(a) for a in args])
+    parsed = argparse.ArgumentParser(parents=[module.get_args_parser()]).parse_args(
+        ["--data_path", "synthetic", *map(str, args)])
     module.check_args(parsed)
     return parsed
 
@@ -49,8 +49,10 @@ def assert_adamw_schedules(run, lr_per_256, warmup_epochs, min_lr, wd=(0.04, 0.4
 
 
 def build(module, args, teacher, iters_per_epoch=20):
+    data = common.training_data("synthetic", module.build_augmentation(args), args.batch_size_per_gpu, 0,
+                                subset=args.batch_size_per_gpu * iters_per_epoch)
     student, arch = module.build_student(args, teacher)
-    return module.build(args, torch.device("cpu"), iters_per_epoch, student, arch, teacher), student
+    return module.build_run(args, torch.device("cpu"), data, student, arch, teacher), student
 
 
 # ---------------------------------------------------------------------------------------------- RoB-DINO
@@ -60,7 +62,7 @@ def test_rob_dino_defaults():
     assert (args.teacher_temp, args.student_temp, args.swapped) == (0.07, 0.1, False)
     assert (args.epochs, args.lr, args.min_lr, args.warmup_epochs) == (300, 5e-4, 1e-5, 10)
     assert (args.weight_decay, args.weight_decay_end) == (0.04, 0.4)
-    assert (args.student_head, args.hidden_dim, args.bottleneck_dim, args.out_dim) == ("dino", 2048, 256, 65536)
+    assert (args.hidden_dim, args.bottleneck_dim, args.out_dim) == (2048, 256, 65536)
     assert_augmentation(rob_dino.build_augmentation(args), (0.25, 1.0), 8, (0.05, 0.25), (0.4, 0.4, 0.4, 0.1),
                         (1.0, 0.1, 0.5), (0.0, 0.2, 0.0), "bicubic")
     # plain DINO: EMA 0.996 -> 1, centre 0.9, teacher temperature 0.04 -> 0.07 over 30 epochs, last layer frozen 1
@@ -71,7 +73,7 @@ def test_rob_dino_defaults():
     assert student.head.last_layer.out_features == teacher.head.last_layer.out_features  # the teacher's K
     assert student.head.mlp[0].out_features == 2048 and student.head.last_layer.in_features == 256  # the flags'
     assert student.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # ViT: 0.1 (stochastic depth)
-    assert run.clip_grad == 0 and run.plain is None  # RoB: no clipping, no EMA, no centre
+    assert args.clip_grad is None and run.plain is None  # RoB: no clipping, no EMA, no centre
     assert run.partners.tolist() == [[1, 0] + [1] * 8, [0, 1] + [1] * 8]  # same-view pairing, cross pair skipped
     assert_adamw_schedules(run, 5e-4, 10, 1e-5)
     assert rob_dino.teacher_probs(torch.tensor([[0.07, 0.0]]), args.teacher_temp).tolist()[0] == \
@@ -109,7 +111,7 @@ def test_rob_ibot_defaults():
     assert isinstance(student.backbone.blocks[-1].drop_path1, nn.Identity)  # ViT-Tiny: drop-path 0
     small, _ = rob_ibot.build_student(defaults(rob_ibot, "--student", "vit_small", "--global_crops_size", 64), teacher)
     assert small.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # ViT-S: 0.1
-    assert run.clip_grad == 0 and run.plain is None and run.pairs == common.view_pairs(2, 12)
+    assert args.clip_grad is None and run.plain is None and run.pairs == rob_ibot.view_pairs(2, 12)
     assert_adamw_schedules(run, 5e-4, 10, 1e-5, wd=(0.04, 0.48))
     plain, student = build(rob_ibot, defaults(rob_ibot, "--teacher", "ema", "--out_dim", 64, "--patch_out_dim", 64,
                                               "--global_crops_size", 64), None)
@@ -136,7 +138,7 @@ def test_rob_msn_defaults(tmp_path):
     assert rob_msn.build_student(defaults(rob_msn, "--student", "vit_small"), teacher)[0].patch_drop == 0.15
     convnet, _ = rob_msn.build_student(defaults(rob_msn, "--student", "resnet18"), teacher)
     assert [type(m) for m in convnet.head] == [nn.Linear, nn.BatchNorm1d, nn.Linear] and convnet.patch_drop == 0
-    assert run.pairs == common.view_pairs(2, 12) and run.target_temp == 0.025
+    assert run.pairs == rob_ibot.view_pairs(2, 12) and run.target_temp == 0.025
     assert_adamw_schedules(run, 2.5e-4, 15, 1e-5, warmup_start=5e-5 * run.global_batch / 256)
 
 
@@ -165,11 +167,11 @@ def test_rob_swav_defaults():
 
 # ------------------------------------------------------------------------------------------ shared rules
 def test_shared_student_rules():
-    resnet, dim, _ = common.build_student("resnet18")  # torchvision's init: no zero-initialised last BN
+    resnet, dim, _ = common.student_backbone("resnet18")  # torchvision's init: no zero-initialised last BN
     assert all(block.bn2.weight.eq(1).all() for block in resnet.layer4)
-    _, dim, _ = common.build_student("mobilenet_v3")
+    _, dim, _ = common.student_backbone("mobilenet_v3")
     assert dim == 960  # the pooled features, as the reference's mobilenetv3_tv
-    assert common.view_pairs(2, 4) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]  # same-view by default
+    assert rob_ibot.view_pairs(2, 4) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]  # same-view by default
     args = defaults(rob_dino)
-    assert args.precision is None and args.overlap_teacher and not args.compile and args.saveckp_freq == 20
-    assert training.RESUMABLE_FLAGS >= {"output_dir", "data_path", "num_workers", "epochs"}
+    assert args.precision is None and not args.compile and args.saveckp_freq == 20
+    assert rob_dino.RESUMABLE_FLAGS >= {"output_dir", "data_path", "num_workers", "epochs"}

@@ -132,7 +132,7 @@ def test_swav_resnet_loads_without_its_head():
 
 
 def test_rob_checkpoint_and_exported_student_timm_load(tmp_path):
-    student, _, arch = common.build_student("test_vit", img_size=32, patch_size=4)
+    student, _, arch = common.student_backbone("test_vit", img_size=32, patch_size=4)
     teacher = common.create_backbone(arch)  # another random init: the baseline's EMA teacher
     head = {"head.0.weight": torch.zeros(8, 64)}
     torch.save(dict(method="rob_dino", arch=arch,
@@ -147,7 +147,7 @@ def test_rob_checkpoint_and_exported_student_timm_load(tmp_path):
             assert description.startswith("rob_dino") and torch.equal(loaded(x), network.eval()(x))
         loaded, _ = eval_linear.load_backbone(tmp_path / "student_timm.pth", arch="test_vit", patch_size=4, img_size=32)
         assert torch.equal(loaded(x), student(x))
-    resnet, _, resnet_arch = common.build_student("test_resnet")  # a convnet's classifier is `fc`
+    resnet, _, resnet_arch = common.student_backbone("test_resnet")  # a convnet's classifier is `fc`
     common.export_timm(resnet, resnet_arch, tmp_path / "resnet_timm.pth")
     loaded, _ = eval_linear.load_backbone(tmp_path / "resnet_timm.pth", arch="test_resnet")
     assert torch.equal(loaded(x), resnet.eval()(x))
@@ -166,7 +166,7 @@ def test_clear_errors_for_checkpoints_it_cannot_read(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(ValueError, match="holds a Tensor, not a checkpoint dictionary"):
         eval_linear.load_backbone(tmp_path / "tensor.pth")
-    student, _, arch = common.build_student("test_vit", img_size=32, patch_size=4)
+    student, _, arch = common.student_backbone("test_vit", img_size=32, patch_size=4)
     common.export_timm(student, arch, tmp_path / "student_timm.pth")
     with pytest.raises(ValueError, match="student_timm.pth.*pass --arch"):
         eval_linear.load_backbone(tmp_path / "student_timm.pth")
@@ -197,7 +197,7 @@ def test_two_process_extraction_equals_one_process(tmp_path, image_folder):
 
 
 def test_cli_end_to_end(tmp_path, image_folder):
-    student, _, arch = common.build_student("test_vit", img_size=32, patch_size=4)
+    student, _, arch = common.student_backbone("test_vit", img_size=32, patch_size=4)
     common.export_timm(student, arch, tmp_path / "student_timm.pth")
     args = ["eval_linear.py", "--checkpoint", tmp_path / "student_timm.pth", "--arch", "test_vit", "--patch_size", 4,
             "--img_size", 32, "--data_path", image_folder, "--num_workers", 0, "--batch_size_per_gpu", 32,

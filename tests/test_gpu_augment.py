@@ -10,7 +10,6 @@ from torchvision import transforms as T1
 from torchvision.transforms.v2 import functional as TF
 
 import common
-import gpu_augment
 
 
 def no_colour(**overrides):
@@ -24,7 +23,7 @@ def no_colour(**overrides):
 def test_crop_boxes_follow_torchvision_random_resized_crop():
     height, width, n = 60, 100, 20000
     generator = torch.Generator().manual_seed(0)
-    boxes = gpu_augment.random_resized_crop_boxes(torch.tensor([[height, width]] * n, dtype=torch.float64), (0.05, 0.4),
+    boxes = common.random_resized_crop_boxes(torch.tensor([[height, width]] * n, dtype=torch.float64), (0.05, 0.4),
                                              generator)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
@@ -42,7 +41,7 @@ def test_crop_boxes_follow_torchvision_random_resized_crop():
 
 def test_crop_fallback_is_a_centre_crop_of_clipped_aspect_ratio():
     sizes = torch.tensor([[10.0, 200.0]] * 50, dtype=torch.float64)  # 1:20, no random box of ratio <= 4/3 fits
-    boxes = gpu_augment.random_resized_crop_boxes(sizes, (0.9, 1.0), torch.Generator().manual_seed(1))
+    boxes = common.random_resized_crop_boxes(sizes, (0.9, 1.0), torch.Generator().manual_seed(1))
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     assert torch.all(h == 10) and torch.all(w == round(10 * 4 / 3)) and torch.all(boxes[:, 0] == (200 - 13) // 2)
 
@@ -51,9 +50,9 @@ def test_crop_and_resize_cuts_the_right_region():
     ramp = torch.arange(100, dtype=torch.float64).repeat(3, 60, 1)  # pixel value = its x coordinate
     image = ramp.round().to(torch.uint8)
     boxes = torch.tensor([[20.0, 10, 60, 50], [0, 0, 10, 60]], dtype=torch.float64)
-    out = gpu_augment.crop_and_resize(image[None], boxes, 2, 8) * 255
+    out = common.crop_and_resize(image[None], boxes, 2, 8) * 255
     assert abs(out[0].mean().item() - 39.5) < 0.5 and abs(out[1].mean().item() - 4.5) < 0.5  # column centres
-    same = gpu_augment.crop_and_resize([image], boxes, 2, 8) * 255
+    same = common.crop_and_resize([image], boxes, 2, 8) * 255
     torch.testing.assert_close(out, same)
 
 
@@ -84,7 +83,7 @@ def test_blur_rates_and_sigmas_per_crop_kind(monkeypatch):
         calls.append(sigma.clone())
         return torch.full_like(x, -1.0)
 
-    monkeypatch.setattr(gpu_augment, "_blur", spy_blur)
+    monkeypatch.setattr(common, "_blur", spy_blur)
     aug = no_colour(blur_p=(1.0, 0.1, 0.5), global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), local_crops_size=16)
     generator = torch.Generator().manual_seed(3)
     per_kind = torch.stack([torch.stack([(c[:, 0, 0, 0] == -1).float().mean() for c in
@@ -118,12 +117,12 @@ def test_colour_operations_equal_torchvision_per_image(op):
     jitter[index] = 0.4 if op != "hue" else 0.2
     aug = no_colour(color_jitter=tuple(jitter), color_jitter_p=1.0)
     ours = {"brightness": lambda: (x * factor[:, None, None, None]).clamp(0, 1),
-            "hue": lambda: gpu_augment._shift_hue(x, factor)}
+            "hue": lambda: common._shift_hue(x, factor)}
     if op in ours:
         torch.testing.assert_close(ours[op](), reference, atol=1e-5, rtol=0)
     # and through color_augment: a single active adjustment applied with the drawn factor matches torchvision
     generator = torch.Generator().manual_seed(6)
-    out = gpu_augment.color_augment(x.clone(), aug, torch.zeros(6, dtype=torch.long), generator)
+    out = common.color_augment(x.clone(), aug, torch.zeros(6, dtype=torch.long), generator)
     u = torch.rand(6, 13, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     drawn = (1 - jitter[index] + 2 * jitter[index] * u[:, index]) if op != "hue" else jitter[3] * (2 * u[:, 3] - 1)
     expected = torch.stack([getattr(TF, f"adjust_{op}")(x[i], drawn[i].item()) for i in range(6)])
@@ -136,7 +135,7 @@ def test_blur_equals_torchvision_gaussian_blur():
     x = torch.rand(4, 3, 20, 20)
     sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
     reference = torch.stack([TF.gaussian_blur(x[i], kernel_size=13, sigma=sigma[i].item()) for i in range(4)])
-    torch.testing.assert_close(gpu_augment._blur(x, sigma), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(common._blur(x, sigma), reference, atol=1e-5, rtol=0)
 
 
 def test_batch_output_shapes_dtypes_and_ranges():
@@ -165,9 +164,9 @@ def test_decode_equals_pil_within_jpeg_tolerance(tmp_path):
     array = (smooth * 255).byte().permute(1, 2, 0).numpy()
     (tmp_path / "a.jpg").write_bytes(jpeg_bytes(array))
     Image.fromarray(array).save(tmp_path / "b.png")
-    encoded, png = gpu_augment.read_encoded(tmp_path / "a.jpg"), gpu_augment.read_encoded(tmp_path / "b.png")
+    encoded, png = common.read_encoded(tmp_path / "a.jpg"), common.read_encoded(tmp_path / "b.png")
     assert encoded.ndim == 1 and png.shape == (3, 48, 64)  # JPEG stays bytes for the device, PNG is decoded
-    decoded, failed = gpu_augment.decode_images([encoded, png], torch.device("cpu"))
+    decoded, failed = common.decode_images([encoded, png], torch.device("cpu"))
     assert failed == []
     pil = torch.from_numpy(__import__("numpy").asarray(Image.open(tmp_path / "a.jpg").convert("RGB"))).permute(2, 0, 1)
     assert (decoded[0].float() - pil.float()).abs().mean() < 1.0 and (decoded[0].float() - pil.float()).abs().max() <= 8
@@ -179,9 +178,9 @@ def test_broken_jpegs_are_handled(tmp_path):
     good = jpeg_bytes(array)
     (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
     with pytest.raises(Exception):
-        gpu_augment.read_encoded(tmp_path / "cut.jpg")  # truncated: decoded by PIL in the worker, which fails -> skipped
+        common.read_encoded(tmp_path / "cut.jpg")  # truncated: decoded by PIL in the worker, which fails -> skipped
     garbage = torch.frombuffer(bytearray(b"\xff\xd8" + b"\x00" * 200 + b"\xff\xd9"), dtype=torch.uint8)
     with pytest.warns(UserWarning, match="undecodable"):
-        images, failed = gpu_augment.decode_images([torch.frombuffer(bytearray(good), dtype=torch.uint8), garbage],
+        images, failed = common.decode_images([torch.frombuffer(bytearray(good), dtype=torch.uint8), garbage],
                                                    torch.device("cpu"))
     assert torch.equal(images[1], images[0]) and failed == [1]  # replaced by another image of the batch, reported

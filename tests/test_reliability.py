@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import common
-import training
+import rob_dino
 from conftest import ASSETS, OFFICIAL_TINY, ROOT, run_script, without_key_bias
 
 SMALL = ["--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2", "--num_workers", "0",
@@ -79,16 +79,18 @@ import argparse, importlib, json, os, sys, torch
 sys.path.insert(0, {root!r})
 import common
 configs = json.loads(os.environ["CONFIGS"])
-rank, world, device = common.init_distributed()
+device = common.init_distributed()
+rank = torch.distributed.get_rank()
 for name, (script, args) in configs.items():
     module = importlib.import_module(script)
     parsed = argparse.ArgumentParser(parents=[module.get_args_parser()]).parse_args(args)
     module.check_args(parsed)
     # set-up as main() does it, then two steps on data of this process only: every network must stay equal
-    common.seed_everything(1000 + rank)  # whatever each process draws before, every process must hold rank 0's
+    torch.manual_seed(1000 + rank)  # whatever each process draws, rank 0's weights must be in every process
     teacher = None if parsed.teacher in ("ema", "self") else module.load_teacher(parsed.teacher)
     student, arch = module.build_student(parsed, teacher)
-    run = module.build(parsed, device, 2, student, arch, teacher)
+    data = common.training_data("synthetic", module.build_augmentation(parsed), 4, 0, subset=16)  # 2 steps per epoch
+    run = module.build_run(parsed, device, data, student, arch, teacher)
     states = [dict(run.student.state_dict())]
     if getattr(run, "plain", None) is not None:
         states.append(dict(run.plain.teacher.state_dict()))
@@ -96,9 +98,9 @@ for name, (script, args) in configs.items():
     crops = [torch.randn(4, 3, parsed.global_crops_size, parsed.global_crops_size) for _ in range(2)]
     crops += [torch.randn(4, 3, parsed.local_crops_size, parsed.local_crops_size) for _ in range(2)]
     grid = parsed.global_crops_size // run.student.backbone.patch_embed.patch_size[0]
-    batch = (crops, torch.rand(8, grid, grid) < 0.3) if script == "rob_ibot" else crops
+    batch = (crops, torch.rand(4, 2, grid, grid) < 0.3) if script == "rob_ibot" else crops
     for it in range(2):
-        module.train_step(run, batch, it)
+        module.train_step(run, batch, None, it)
     states.append(dict(run.student.state_dict()))
     if getattr(run, "plain", None) is not None:
         states.append(dict(run.plain.teacher.state_dict()))
@@ -165,13 +167,14 @@ def test_run_main_shuts_the_process_group_down(tmp_path, monkeypatch):
                 raise common.UserError("bad flag")
             return 0
         with pytest.raises(SystemExit) as exit_:
-            training.run_main(main, argparse.ArgumentParser())
+            monkeypatch.setattr(rob_dino, "main", main)
+            rob_dino.run_main()
         assert exit_.value.code == (2 if raises else 0) and not dist.is_initialized()
 
 
 def test_every_multi_process_script_of_the_tests_shuts_its_group_down():
     """The scripts the tests launch under torchrun destroy their process group before exiting (the scripts
-    themselves do it in training.run_main): a group left open made `make test` fail at random under load."""
+    themselves do it in run_main): a group left open made `make test` fail at random under load."""
     import re
     from pathlib import Path
     scripts = [(path.name, text) for path in Path(__file__).parent.glob("test_*.py")
@@ -184,11 +187,11 @@ def test_every_multi_process_script_of_the_tests_shuts_its_group_down():
 # -------------------------------------------------------------------------------------- kills and exports
 @pytest.mark.parametrize("killed_at", ["student_timm.pth", "checkpoint0002.pth", "checkpoint.pth", "log"])
 def test_a_kill_between_the_final_writes_leaves_a_run_that_completes(tmp_path, small_folder, monkeypatch, killed_at):
-    """The last epoch writes the export, its checkpointNNNN, checkpoint.pth, then log.txt. A kill before any of
-    them (simulated: the write raises) leaves a run that the same command completes: every file present and
+    """The last epoch writes the export, its line of log.txt, its checkpointNNNN, then checkpoint.pth. A kill before
+    any of them (simulated: the write raises) leaves a run that the same command completes: every file present and
     consistent with checkpoint.pth, every epoch logged once, no temporary file left."""
     args = flags("rob_dino", "rob", small_folder, tmp_path, ["--epochs", "2", "--batch_size_per_gpu", "8"])
-    real_save, real_append = common.save_atomic, training.append_log
+    real_save = common.save_atomic
 
     class Killed(BaseException):
         pass
@@ -199,17 +202,16 @@ def test_a_kill_between_the_final_writes_leaves_a_run_that_completes(tmp_path, s
             raise Killed
         real_save(obj, path)
 
-    def append(output_dir, record):
-        if killed_at == "log" and record["epoch"] == 1:
+    def log_open(path, mode="r", *args, **kwargs):  # the last epoch's line of log.txt (the first one's is there)
+        if killed_at == "log" and str(path).endswith("log.txt") and "a" in mode and (tmp_path / "log.txt").exists():
             raise Killed
-        real_append(output_dir, record)
+        return open(path, mode, *args, **kwargs)
     writes = {}
     monkeypatch.setattr(common, "save_atomic", save)
-    monkeypatch.setattr(training, "append_log", append)
+    monkeypatch.setattr(rob_dino, "open", log_open, raising=False)  # the script's open(), before the builtin
     with pytest.raises(Killed):
         in_process("rob_dino", args)
-    monkeypatch.setattr(common, "save_atomic", real_save)
-    monkeypatch.setattr(training, "append_log", real_append)
+    monkeypatch.undo()
     assert in_process("rob_dino", args) == 0
     ckpt = common.load_file(tmp_path / "checkpoint.pth")
     assert ckpt["step"] == 6 and common.load_file(tmp_path / "checkpoint0002.pth")["step"] == 6
@@ -275,11 +277,13 @@ USER_ERRORS = [
     ("rob_ibot.py", ["--local_crops_number", "-2"], "--local_crops_number -2: must be >= 0"),
     ("rob_msn.py", ["--global_crops_scale", "1", "0.3"], "--global_crops_scale 1.0 0.3"),
     ("rob_dino.py", ["--teacher_temp", "0"], "--teacher_temp 0.0: must be > 0"),
-    ("rob_dino.py", ["--teacher", "dino_vitx99"], "unknown --teacher 'dino_vitx99': give one of dino_vits16"),
-    ("rob_swav.py", ["--student", "resnet_9000", "--teacher", OFFICIAL_TINY / "swav_tiny_rn_1111.pth.tar"],
-     "unknown student 'resnet_9000'"),
-    ("rob_msn.py", ["--teacher", "missing/teacher.pth"], "not found: missing/teacher.pth"),
+    ("rob_dino.py", ["--data_path", "synthetic", "--teacher", "dino_vitx99"],
+     "unknown --teacher 'dino_vitx99': give one of dino_vits16"),
+    ("rob_swav.py", ["--data_path", "synthetic", "--student", "resnet_9000", "--teacher",
+                     OFFICIAL_TINY / "swav_tiny_rn_1111.pth.tar"], "unknown student 'resnet_9000'"),
+    ("rob_msn.py", ["--data_path", "synthetic", "--teacher", "missing/teacher.pth"], "not found: missing/teacher.pth"),
     ("rob_dino.py", ["--data_path", "missing_folder"], "--data_path missing_folder is not a folder"),
+    ("rob_ibot.py", [], "--data_path is required"),
     ("eval_linear.py", ["--checkpoint", ASSETS / "fmnist_dino_vit_nano.pth", "--knn", "--nb_knn", "0"],
      "--nb_knn 0: must be > 0"),
 ]

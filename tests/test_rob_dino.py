@@ -50,7 +50,7 @@ def test_loss_matches_a_float64_loop(swapped):
     torch.manual_seed(0)
     n_global, n_crops, b, k = 2, 5, 3, 11
     student_logits, teacher_logits = torch.randn(n_crops * b, k) * 3, torch.randn(n_global * b, k) * 0.3
-    partners = rob_dino.view_pairs(n_global, n_crops, swapped)
+    partners = rob_dino.view_partners(n_global, n_crops, swapped)
     assert partners.sum() == (n_global * (n_crops - 1) if swapped else n_global * (n_crops - n_global + 1))
     loss = rob_dino.dino_loss(student_logits, rob_dino.teacher_probs(teacher_logits, 0.07), partners, 0.1)
     assert loss.dtype == torch.float32
@@ -58,8 +58,8 @@ def test_loss_matches_a_float64_loop(swapped):
 
 
 def test_same_view_pairing_skips_the_cross_pair():
-    assert rob_dino.view_pairs(2, 4, swapped=False).tolist() == [[1, 0, 1, 1], [0, 1, 1, 1]]
-    assert rob_dino.view_pairs(2, 4, swapped=True).tolist() == [[0, 1, 1, 1], [1, 0, 1, 1]]
+    assert rob_dino.view_partners(2, 4, swapped=False).tolist() == [[1, 0, 1, 1], [0, 1, 1, 1]]
+    assert rob_dino.view_partners(2, 4, swapped=True).tolist() == [[0, 1, 1, 1], [1, 0, 1, 1]]
 
 
 def test_loss_gradient_matches_the_float64_loop():
@@ -67,7 +67,7 @@ def test_loss_gradient_matches_the_float64_loop():
     student_logits = (torch.randn(4 * 3, 7) * 2).requires_grad_()
     reference = student_logits.detach().double().requires_grad_()
     teacher_logits = torch.randn(2 * 3, 7)
-    partners = rob_dino.view_pairs(2, 4, swapped=False)
+    partners = rob_dino.view_partners(2, 4, swapped=False)
     rob_dino.dino_loss(student_logits, rob_dino.teacher_probs(teacher_logits, 0.07), partners, 0.1).backward()
     targets = torch.softmax(teacher_logits.double() / 0.07, -1)
     loss = sum(-(targets[t * 3:(t + 1) * 3] * torch.log_softmax(reference[s * 3:(s + 1) * 3] / 0.1, -1)).sum(-1).mean()

@@ -72,8 +72,8 @@ def test_cls_loss_matches_a_float64_loop(swapped):
     torch.manual_seed(0)
     n_global, n_crops, b, k = 2, 5, 3, 11
     student_logits, teacher_logits = torch.randn(n_crops * b, k) * 3, torch.randn(n_global * b, k) * 0.3
-    pairs = common.view_pairs(n_global, n_crops, swapped)
-    loss = common.multi_crop_cross_entropy(student_logits, rob_ibot.teacher_probs(teacher_logits, 0.07), pairs, 0.1)
+    pairs = rob_ibot.view_pairs(n_global, n_crops, swapped)
+    loss = rob_ibot.multi_crop_cross_entropy(student_logits, rob_ibot.teacher_probs(teacher_logits, 0.07), pairs, 0.1)
     assert abs(loss.item() - reference_cls_loss(student_logits, teacher_logits, n_global, swapped, 0.07, 0.1)) < 1e-4
 
 
@@ -167,8 +167,8 @@ def test_blocks_are_rectangles_with_the_recipe_aspect_ratios():
 def test_masks_come_from_the_loader_workers_reproducibly(small_folder):
     """Masks are drawn per sample from (seed, epoch, index): the same with 0 or 2 loader workers, new each epoch."""
     augmentation = common.MultiCropAugmentation(32, 16, 2, 1)
-    base = common.AugmentedDataset(common.build_dataset(str(small_folder)), augmentation)
-    dataset = rob_ibot.MaskedCrops(base, rob_ibot.BlockMaskGenerator((4, 4), p=1.0), n_global=2)
+    dataset = common.AugmentedDataset(common.build_dataset(str(small_folder)), augmentation,
+                                      extras=rob_ibot.BlockMaskGenerator((4, 4), p=1.0).global_crops)
     (crops, masks), _ = dataset[(0, 5)]
     assert len(crops) == 3 and masks.shape == (2, 4, 4) and masks.dtype == torch.bool and masks.any()
     assert torch.equal(dataset[(0, 5)][0][1], masks) and not torch.equal(dataset[(1, 5)][0][1], masks)
@@ -183,7 +183,7 @@ def test_masks_come_from_the_loader_workers_reproducibly(small_folder):
 # -------------------------------------------------------------------------------------- masked student
 def test_mask_token_replaces_the_masked_patches():
     torch.manual_seed(0)
-    backbone, dim, _ = common.build_student("test_vit", img_size=64)
+    backbone, dim, _ = common.student_backbone("test_vit", img_size=64)
     student = rob_ibot.iBOTNetwork(backbone, rob_ibot.iBOTHead(dim, 10, 12, 32, 8), mask_token=True).eval()
     with torch.no_grad():
         student.mask_token.normal_()
@@ -273,9 +273,9 @@ def test_wrong_checkpoints_are_refused_with_the_fix(tmp_path):
 
 def test_convnet_student_and_patch_size_mismatch_are_refused(tmp_path):
     with pytest.raises(ValueError, match="rob_dino.py, rob_msn.py or rob_swav.py"):
-        rob_ibot.main(parse(TINY_RUN + ["--student", "resnet18", "--output_dir", tmp_path]))
+        rob_ibot.main(parse(TINY_RUN + ["--student", "resnet18", "--data_path", "synthetic", "--output_dir", tmp_path]))
     with pytest.raises(ValueError, match="--patch_size 16"):
-        rob_ibot.main(parse(TINY_RUN + ["--patch_size", "8", "--output_dir", tmp_path]))
+        rob_ibot.main(parse(TINY_RUN + ["--patch_size", "8", "--data_path", "synthetic", "--output_dir", tmp_path]))
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -86,8 +86,8 @@ def test_distillation_loss_matches_a_float64_loop(swapped):
     n_global, n_crops, b, k, d = 2, 5, 3, 7, 4
     projection, prototypes = torch.randn(n_global * b, d), torch.randn(k, d)
     student_logits = torch.randn(n_crops * b, k) * 3
-    pairs = common.view_pairs(n_global, n_crops, swapped)
-    loss = common.multi_crop_cross_entropy(student_logits, rob_msn.teacher_probs(projection, prototypes, 0.025), pairs, 0.1)
+    pairs = rob_msn.view_pairs(n_global, n_crops, swapped)
+    loss = rob_msn.multi_crop_cross_entropy(student_logits, rob_msn.teacher_probs(projection, prototypes, 0.025), pairs, 0.1)
     assert loss.dtype == torch.float32
     total, n_pairs = 0.0, 0
     for t in range(n_global):
@@ -104,8 +104,8 @@ def test_distillation_loss_matches_a_float64_loop(swapped):
 
 
 def test_same_view_pairing_skips_the_cross_pair():
-    assert common.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-    assert common.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert rob_msn.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert rob_msn.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
 
 
 def msn_reference_loss(anchors, targets, prototypes, n_views, tau=0.1, sharpen=0.25, sinkhorn_iterations=3):
@@ -135,7 +135,7 @@ def test_baseline_loss_matches_msn_in_float64():
     target_probs = rob_msn.sinkhorn(rob_msn.teacher_probs(targets, prototypes, 0.025), 3)
     torch.testing.assert_close(target_probs.sum(1), torch.ones(b))
     pairs = [(0, s) for s in range(n_views)]
-    loss = common.multi_crop_cross_entropy(scores, target_probs, pairs, 0.1) + rob_msn.me_max(scores, 0.1)
+    loss = rob_msn.multi_crop_cross_entropy(scores, target_probs, pairs, 0.1) + rob_msn.me_max(scores, 0.1)
     assert abs(loss.item() - msn_reference_loss(anchors, targets, prototypes, n_views)) < 1e-5
     # the parts matter: no Sinkhorn, or no me-max, gives another value
     assert abs(loss.item() - msn_reference_loss(anchors, targets, prototypes, n_views, sinkhorn_iterations=0)) > 1e-3
@@ -202,10 +202,10 @@ def test_token_dropping_keeps_cls_and_exactly_the_right_count():
 
 def test_student_drops_tokens_of_the_global_crops_only():
     torch.manual_seed(0)
-    backbone, _, _ = common.build_student("test_vit", 32, patch_size=8)
+    backbone, _, _ = common.student_backbone("test_vit", 32, patch_size=8)
     seen = []
     backbone.blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[:2]))
-    network = rob_msn.MultiCropNetwork(backbone, rob_msn.MLPHead(64, 10), patch_drop=0.25)
+    network = rob_msn.MSNNetwork(backbone, rob_msn.LinearHead(64, 10), patch_drop=0.25)
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
     assert network(crops).shape == (6, 10)
     assert seen == [(4, 1 + 12), (2, 1 + 4)]  # globals: 16 patches -> 12 kept; locals: all 4

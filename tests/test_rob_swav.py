@@ -159,17 +159,17 @@ def test_loss_matches_a_float64_loop(n_teacher, swapped):
     n_crops, b, k = 5, 3, 11
     student_scores = torch.rand(n_crops * b, k) * 2 - 1
     codes = rob_swav.sinkhorn_knopp(torch.rand(n_teacher * b, k), 0.03, 3)
-    pairs = common.view_pairs(n_teacher, n_crops, swapped)
-    loss = common.multi_crop_cross_entropy(student_scores, codes, pairs, 0.1)
+    pairs = rob_swav.view_pairs(n_teacher, n_crops, swapped)
+    loss = rob_swav.multi_crop_cross_entropy(student_scores, codes, pairs, 0.1)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - reference_loss(student_scores, codes, n_teacher, swapped, 0.1)) < 1e-4
 
 
 def test_view_pairs():
-    assert common.view_pairs(1, 4, swapped=False) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # crop 0 included
-    assert common.view_pairs(1, 4, swapped=True) == [(0, 1), (0, 2), (0, 3)]
-    assert common.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-    assert common.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert rob_swav.view_pairs(1, 4, swapped=False) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # crop 0 included
+    assert rob_swav.view_pairs(1, 4, swapped=True) == [(0, 1), (0, 2), (0, 3)]
+    assert rob_swav.view_pairs(2, 4, swapped=False) == [(0, 0), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert rob_swav.view_pairs(2, 4, swapped=True) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
 
 
 # ------------------------------------------------------------------------------------------- optimiser
@@ -238,7 +238,7 @@ def test_official_rn50_layout_loads_and_wide_resnets_are_refused():
         teacher = rob_swav.teacher_from_checkpoint(official_state_dict("swav_800ep_pretrain"), "swav_800ep")  # strict
     assert teacher.head.prototypes.weight.shape == (3000, 128)
     assert teacher.head.projection_head[0].weight.shape == (2048, 2048)
-    with pytest.raises(ValueError, match="standard-width.*swav_rn50"):
+    with pytest.raises(ValueError, match="standard-width.*swav_800ep_pretrain"):
         rob_swav.teacher_from_checkpoint(official_state_dict("swav_RN50w2_400ep_pretrain"), "swav_RN50w2")
 
 
