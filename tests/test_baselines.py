@@ -113,14 +113,18 @@ def test_plain_dino_step_equals_a_float64_step():
                                rtol=0, atol=1e-6)
 
 
-def test_plain_dino_freezes_its_last_layer_for_the_first_epoch():
-    run = tiny_run(rob_dino, DINO)
-    last = run.student.head.last_layer.parametrizations.weight
+@pytest.mark.parametrize("module", [rob_dino, rob_ibot], ids=lambda m: m.__name__)
+def test_plain_dino_and_ibot_freeze_their_last_layers_for_the_first_epoch(module):
+    run = tiny_run(module, DINO if module is rob_dino else IBOT)
+    masks = torch.zeros(B, 2, 2, 2, dtype=torch.bool)
+    masks[:, :, 0] = True
+    batch = (lambda seed: crops(seed)) if module is rob_dino else (lambda seed: (crops(seed), masks))
+    last = run.student.head.last_layer.parametrizations.weight  # iBOT's shared one is also its last_layer2
     before = last.original1.detach().clone()
-    rob_dino.train_step(run, crops(), None, 1)  # epoch 0: frozen
+    module.train_step(run, batch(0), None, 1)  # epoch 0: frozen
     assert last.original1.grad is None and torch.equal(last.original1, before)
     assert not last.original0.requires_grad  # norm_last_layer: g stays 1
-    rob_dino.train_step(run, crops(1), None, 2)  # epoch 1: trained
+    module.train_step(run, batch(1), None, 2)  # epoch 1: trained
     assert last.original1.grad is not None and not torch.equal(last.original1, before)
 
 
