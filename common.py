@@ -3,17 +3,7 @@
 models (students, teacher backbones, official releases and checkpoints loaded or refused, the timm export, placing a
 network for training), plus the error type a user can fix, the process group and a stable seed mixer. Importing it
 changes nothing in the host program."""
-import argparse
-import errno
-import gzip
-import hashlib
-import io
-import itertools
-import math
-import os
-import random
-import signal
-import warnings
+import argparse, errno, gzip, hashlib, io, itertools, math, os, random, signal, warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +13,7 @@ import torch.distributed as dist
 import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 from torchvision.transforms import v2 as T
@@ -33,6 +23,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 class UserError(ValueError):
     """Something the user controls is wrong (a flag, a path, a file): reported as one line that names the fix."""
+
+    def __str__(self):  # raised in a loader worker, it arrives after the worker's traceback: its own line only
+        text = super().__str__()
+        return text.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
 
 
 class MissingFileError(UserError, FileNotFoundError):
@@ -110,22 +104,15 @@ class MultiCropAugmentation:
                  global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), color_jitter=(0.4, 0.4, 0.2, 0.1),
                  color_jitter_p=0.8, grayscale_p=0.2, blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2, 0.0),
                  interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
-        self.global_crops_number, self.local_crops_number = global_crops_number, local_crops_number
-        self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
-        self.color_jitter, self.color_jitter_p, self.grayscale_p = color_jitter, color_jitter_p, grayscale_p
-        self.blur_p, self.solarize_p, self.mean, self.std = blur_p, solarize_p, mean, std
-        self.interpolation = interpolation
+        vars(self).update((k, v) for k, v in locals().items() if k != "self")  # every argument, as an attribute
         interp = T.InterpolationMode(interpolation)
 
         def crop_pipeline(size, scale, blur, solarize):
-            steps = [T.RandomResizedCrop(size, scale=scale, interpolation=interp), T.RandomHorizontalFlip(),
-                     T.RandomApply([T.ColorJitter(*color_jitter)], p=color_jitter_p), T.RandomGrayscale(grayscale_p),
-                     RandomGaussianBlur(blur)]
-            if solarize > 0:
-                steps.append(T.RandomSolarize(threshold=128, p=solarize))
-            steps += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
-            return T.Compose(steps)
+            return T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=interp), T.RandomHorizontalFlip(),
+                              T.RandomApply([T.ColorJitter(*color_jitter)], p=color_jitter_p),
+                              T.RandomGrayscale(grayscale_p), RandomGaussianBlur(blur)]
+                             + ([T.RandomSolarize(threshold=128, p=solarize)] if solarize > 0 else [])
+                             + [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
         self.global_transforms = [crop_pipeline(global_crops_size, global_crops_scale, blur_p[min(i, 1)],
                                                 solarize_p[min(i, 1)]) for i in range(global_crops_number)]
@@ -148,10 +135,8 @@ class MultiCropAugmentation:
         kinds = [(self.global_crops_size, self.global_crops_scale, first_or_other),
                  (self.local_crops_size, self.local_crops_scale, [2] * self.local_crops_number)]
         crops = []
-        for size, scale, kind in kinds:
+        for size, scale, kind in [k for k in kinds if k[2]]:  # kinds without crops skipped
             n = len(kind)
-            if n == 0:
-                continue
             boxes = random_resized_crop_boxes(sizes.repeat_interleave(n, 0), scale, generator)  # image-major
             x = crop_and_resize(images, boxes, n, size)
             x = x.unflatten(0, (len(images), n)).transpose(0, 1).flatten(0, 1)  # crop-major: crop k of image b at k*B+b
@@ -317,8 +302,7 @@ class FashionMNIST(Dataset):
     """Fashion-MNIST as 28 x 28 RGB PIL images and labels; `raw`: uint8 [1, 28, 28] tensors (--gpu_augment)."""
 
     def __init__(self, train=True, raw=False):
-        self.images, self.targets = load_fashion_mnist(train)
-        self.raw = raw
+        (self.images, self.targets), self.raw = load_fashion_mnist(train), raw
         self.classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                         "Bag", "Ankle boot"]
 
@@ -348,31 +332,125 @@ class SyntheticDataset(Dataset):
         return (crops if len(crops) > 1 else crops[0]), index % self.num_classes
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def find_images(root):
+    """The image files under `root` at any depth, as paths relative to it, sorted as a depth-first walk in name order;
+    hidden files and folders and other files are ignored and each real folder is read once (a link back up the tree
+    is skipped). Returns (paths, folders read, folders skipped as reached a second time through a link)."""
+    root, seen, found, skipped, todo = os.path.join(root, ""), set(), [], 0, [("", True)]
+    while todo:
+        path, is_dir = todo.pop()
+        if not is_dir:
+            found.append(path)
+            continue
+        try:
+            info = os.stat(root + path)
+            if (info.st_dev, info.st_ino) in seen:
+                skipped += 1
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(root + path) as entries:
+                items = [(e.name, e.is_dir()) for e in entries if not e.name.startswith(".") and (
+                    e.is_dir() or e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())]
+        except OSError as err:
+            warnings.warn(f"skipping folder {root + path}: {err}")
+            continue
+        items.sort(reverse=True)
+        todo += [(path + name + "/", True) if is_dir else (path + name, False) for name, is_dir in items]
+    return found, len(seen), skipped
+
+
+class ImageFiles(Dataset):
+    """Unlabelled images (label 0): every image under a folder at any depth, class sub-folders or not, or the paths
+    a text file lists (one per line, relative to the file's folder or absolute). RGB PIL images or, `raw`
+    (--gpu_augment), uint8 tensors and JPEG bytes. `files`: their number and a hash of their paths (resume checks)."""
+
+    def __init__(self, data_path, raw=False):
+        if os.path.isfile(data_path):
+            folder = os.path.dirname(os.path.abspath(data_path))
+            with open(data_path, errors="replace") as f:
+                listed = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            names = [name for name in listed if os.path.isfile(os.path.join(folder, name))]
+            if not names:
+                raise MissingFileError(f"--data_path {data_path} lists no existing image ({len(listed)} lines; e.g. "
+                                       f"{listed[:1]}): give one path per line, relative to {folder} or absolute.")
+            if len(names) < len(listed):
+                log(f"{len(listed) - len(names)} of the {len(listed)} paths {data_path} lists do not exist: skipped")
+            paths = [os.path.join(folder, name) for name in names]
+        elif os.path.isdir(data_path):
+            names, folders, links = find_images(data_path)
+            if not names:
+                raise MissingFileError(f"--data_path {data_path} holds no {'/'.join(IMAGE_EXTENSIONS)} images in its "
+                                       f"{folders} folder(s) at any depth (hidden files and folders are ignored).")
+            if links:
+                log(f"{data_path}: {links} link(s) to a folder already read were skipped")
+            paths = [os.path.join(data_path, "") + name for name in names]
+        else:
+            raise MissingFileError(f"--data_path {data_path} is neither a folder nor a file: give a folder of images "
+                                   "(any depth), a text file listing image paths, 'fashion-mnist' or 'synthetic'.")
+        self.samples, self.raw = [(path, 0) for path in paths], raw
+        self.files = f"{len(names)} images, sha1 {hashlib.sha1(chr(10).join(names).encode()).hexdigest()[:12]}"
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path = self.samples[index][0]
+        return (read_encoded(path) if self.raw else load_rgb(path)), 0
+
+
+def load_rgb(path):
+    """An image file as an RGB PIL image: EXIF orientation applied, transparency dropped, 16-bit and float images
+    scaled to 8 bits (16-bit by 1/257; float from [0, 1], or from their own minimum and maximum otherwise)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode.startswith("I") or img.mode == "F":
+            low, high = img.getextrema()
+            if img.mode == "F" and (low < 0 or high > 1):  # float beyond [0, 1]: its own range
+                scale = 255 / max(high - low, 1e-12)
+            else:
+                low, scale = 0, 255 if img.mode == "F" else 1 / 257 if img.mode != "I" or high > 255 else 1
+            img = img.convert("F").point(lambda v: (v - low) * scale).convert("L")
+        return img.convert("RGB")
+
+
 def read_encoded(path):
-    """--gpu_augment's image loader: a complete JPEG as its bytes (decoded on the device), other images as uint8."""
+    """--gpu_augment's image loader: a complete JPEG as its bytes (decoded on the device), other images (and JPEGs
+    with an EXIF rotation) as uint8."""
     with open(path, "rb") as f:
         data = f.read()
-    if data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+    if data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9" and (
+            b"Exif" not in data[:65536] or Image.open(io.BytesIO(data)).getexif().get(0x0112, 1) == 1):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with Image.open(path) as img:
-        return T.functional.pil_to_tensor(img.convert("RGB"))
+    return T.functional.pil_to_tensor(load_rgb(path))
 
 
-def build_dataset(data_path, train=True, synthetic_shapes=((3, 224, 224),), raw=False):
-    """The ImageFolder `data_path` (class sub-folders), 'fashion-mnist' or 'synthetic', as (PIL image, label) or,
-    `raw` (--gpu_augment), uint8 tensors and JPEG bytes."""
+def build_dataset(data_path, train=True, synthetic_shapes=((3, 224, 224),), raw=False, labels=False):
+    """'fashion-mnist', 'synthetic', or the images of a folder or list file (ImageFiles); `labels` (evaluation): a
+    folder of class sub-folders. (PIL image, label) or, `raw` (--gpu_augment), uint8 tensors and JPEG bytes."""
     if data_path == "fashion-mnist":
         return FashionMNIST(train, raw)
     if data_path == "synthetic":
         return SyntheticDataset([(3, 256, 256)] if raw else synthetic_shapes, raw=raw)
+    if not labels:
+        return ImageFiles(data_path, raw)
     if not os.path.isdir(data_path):
-        raise MissingFileError(f"--data_path {data_path} is not a folder. Give an ImageFolder directory "
-                               "(one sub-folder of images per class), 'fashion-mnist' or 'synthetic'.")
+        raise MissingFileError(f"{data_path} is not a folder: evaluation needs labels, one sub-folder of images per "
+                               "class.")
+    loose = [name for name in sorted(os.listdir(data_path)) if name.lower().endswith(IMAGE_EXTENSIONS)
+             and not name.startswith(".")]
+    if loose:
+        raise UserError(f"{data_path} holds {len(loose)} image(s) outside class sub-folders (e.g. {loose[0]}): "
+                        "evaluation needs labels, every image in the sub-folder of its class.")
     try:
-        return datasets.ImageFolder(data_path, loader=read_encoded) if raw else datasets.ImageFolder(data_path)
+        return datasets.ImageFolder(data_path, loader=load_rgb)
     except FileNotFoundError as err:
-        raise MissingFileError(f"--data_path {data_path} holds no images: an ImageFolder needs one sub-folder "
-                               f"per class with .jpg/.png/... files inside. ({err})") from None
+        raise MissingFileError(f"{data_path} has no class sub-folders with images: evaluation needs labels, one "
+                               f"sub-folder of images per class. ({err})") from None
 
 
 def random_subset(dataset, size, seed=0):
@@ -408,6 +486,7 @@ class AugmentedDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        failures = []
         for attempt in range(self.max_skips):
             i = (index + attempt) % len(self.base)
             try:
@@ -415,10 +494,13 @@ class AugmentedDataset(Dataset):
                 break
             except Exception as err:  # a corrupt, truncated or vanished file must not kill a long job
                 path = self.base.samples[i][0] if hasattr(self.base, "samples") else f"#{i}"
-                warnings.warn(f"skipping unreadable image {path}: {err}")
+                failures.append(f"{path} ({type(err).__name__})")
                 self.unreadable[i] = True
         else:
-            raise UserError(f"{self.max_skips} unreadable images in a row from image {index}: is the dataset intact?")
+            raise UserError(f"none of {self.max_skips} images in a row from image {index} could be read (e.g. "
+                            f"{'; '.join(failures[:3])}): is the dataset intact?")
+        for failure in failures:
+            warnings.warn(f"skipping unreadable image {failure}")
         if self.transform is not None and isinstance(image, Image.Image):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(mix_seed(self.seed, epoch, index))
@@ -441,8 +523,7 @@ class ResumableSampler(DistributedSampler):
         self.start_batch = start_batch
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.start_batch * self.batch_size:]
-        return iter([(self.epoch, i) for i in indices])
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start_batch * self.batch_size:]])
 
     def __len__(self):
         return super().__len__() - self.start_batch * self.batch_size
@@ -469,22 +550,21 @@ def _ignore_stop_signals(worker_id):
 def collate_raw(samples):
     """--gpu_augment: raw images stacked if they share a shape, else listed; extras stacked."""
     images, labels = zip(*samples)
-    extras = None
-    if isinstance(images[0], tuple):
-        images, extras = zip(*images)
+    images, extras = zip(*images) if isinstance(images[0], tuple) else (images, None)
     images = torch.stack(images) if all(i.ndim == 3 and i.shape == images[0].shape for i in images) else list(images)
     return (images if extras is None else (images, torch.stack(extras))), torch.tensor(labels)
 
 
 def training_data(data_path, augmentation, batch_size, num_workers, seed=0, subset=0, gpu_augment=False, extras=None):
     """The training set of `data_path` (a seeded `subset`), augmented per image in the loader workers or, with
-    gpu_augment, on the device by crops_on_device(). A namespace; the loader yields (batch, indices of the images)."""
+    gpu_augment, on the device by crops_on_device(). A namespace; the loader yields (batch, indices of the images);
+    `files` tells the data set apart from another (resume checks)."""
     base = build_dataset(data_path, synthetic_shapes=augmentation.crop_shapes, raw=gpu_augment)
     dataset = AugmentedDataset(random_subset(base, subset, seed), None if gpu_augment else augmentation, seed,
                                return_index=True, extras=extras)
     loader, sampler = build_loader(dataset, batch_size, num_workers, seed, collate_raw if gpu_augment else None)
     return SimpleNamespace(dataset=dataset, loader=loader, sampler=sampler, augmentation=augmentation,
-                           gpu_augment=gpu_augment, seed=seed)
+                           gpu_augment=gpu_augment, seed=seed, files=getattr(base, "files", f"{len(base)} images"))
 
 
 def crops_on_device(data, batch, indices, device, step, channels_last=False):
@@ -639,8 +719,9 @@ def load_file(path, what="checkpoint"):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
+            reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
             raise UnreadableFileError(f"cannot read the {what} {path}: is it a complete PyTorch checkpoint (an "
-                                      f"interrupted download or copy leaves a truncated file)? ({err})") from None
+                                      f"interrupted download or copy leaves a truncated file)? ({reason})") from None
 
 
 def source_of(name_or_path, names, url, what):
@@ -649,8 +730,7 @@ def source_of(name_or_path, names, url, what):
         return url(name_or_path)
     if not os.path.exists(name_or_path) and not any(c in name_or_path for c in "/\\.") and \
             not name_or_path.startswith("http"):
-        raise UserError(f"unknown --teacher '{name_or_path}': give one of {', '.join(names)} or the path of a "
-                        f"{what}")
+        raise UserError(f"unknown --teacher '{name_or_path}': give one of {', '.join(names)} or the path of a {what}")
     return name_or_path
 
 
@@ -669,8 +749,7 @@ def sub_state_dict(sd, prefix):
 def load_strict(module, sd, source, expected):
     """Load `sd` into `module`, every tensor used and filled, or raise naming the file, the format and the keys."""
     own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
     mis_shaped = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or mis_shaped:
@@ -685,9 +764,8 @@ def fold_weight_norm(sd, layers=("last_layer",)):
     """Weight-normalised layers (official weight_g / weight_v or torch's parametrization) folded to g * v / ||v||."""
     sd = dict(sd)
     for layer in layers:
-        for g_key, v_key in [(f"{layer}.weight_g", f"{layer}.weight_v"),
-                             (f"{layer}.parametrizations.weight.original0",
-                              f"{layer}.parametrizations.weight.original1")]:
+        param = f"{layer}.parametrizations.weight.original"
+        for g_key, v_key in [(f"{layer}.weight_g", f"{layer}.weight_v"), (param + "0", param + "1")]:
             if g_key in sd:
                 g, v = sd.pop(g_key).float(), sd.pop(v_key).float()
                 sd[f"{layer}.weight"] = g * v / v.norm(dim=1, keepdim=True)
@@ -823,10 +901,8 @@ def place_student(student, device):
     student = sync_batchnorm(student.to(device))
     if not is_vit(student.backbone):
         student = student.to(memory_format=torch.channels_last)
-    if get_world_size() == 1:
-        return student, student
-    return student, nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
+    return student, student if get_world_size() == 1 else nn.parallel.DistributedDataParallel(
+        student, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def place_teacher(teacher, device, dtype, low_precision=()):

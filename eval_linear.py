@@ -10,19 +10,12 @@ DINO's and MSN's do. A summary is printed and a JSON line appended to output_dir
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint dino_vitbase16_pretrain_full_checkpoint.pth \
         --data_path /data/imagenet --knn --linear --linear_protocol dino --n_last_blocks 1 --avgpool_patchtokens
 """
-import argparse
-import json
-import math
-import os
-import sys
-import tempfile
-from pathlib import Path
+import argparse, json, math, os, pathlib, sys, tempfile
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
@@ -57,8 +50,9 @@ def get_args_parser():
     group.add_argument("--avgpool_patchtokens", action="store_true", help="Also concatenate the last block's mean "
                        "patch token to the linear-probe feature (DINO: on for ViT-B).")
     group = parser.add_argument_group("data")
-    group.add_argument("--data_path", default="fashion-mnist", help="A folder with train/ and val/ ImageFolders, "
-                       "'fashion-mnist' (its train / test split) or 'synthetic' (random images).")
+    group.add_argument("--data_path", default="fashion-mnist", help="A folder with train/ and val/, each one sub-"
+                       "folder of images per class (the labels); 'fashion-mnist' (its train / test split) or "
+                       "'synthetic' (random images).")
     group.add_argument("--img_size", type=int, default=224, help="Evaluation resolution: Resize(img_size / 0.875) + "
                        "CenterCrop (Fashion-MNIST: resized whole). With --arch: also the training image size.")
     group.add_argument("--batch_size_per_gpu", type=int, default=128, help="Images per GPU: extraction, dino training.")
@@ -174,9 +168,9 @@ def build_split(data_path, train, transform, img_size, seed=0):
         folder = os.path.join(data_path, "train" if train else "val")
         if not os.path.isdir(folder):
             raise common.MissingFileError(f"--data_path {data_path} has no {os.path.basename(folder)}/ folder: give "
-                                          "a folder "
-                                    "with train/ and val/ ImageFolders, 'fashion-mnist' or 'synthetic'.")
-        base = common.build_dataset(folder)
+                                          "a folder with train/ and val/, each one sub-folder of images per class, "
+                                          "'fashion-mnist' or 'synthetic'.")
+        base = common.build_dataset(folder, labels=True)
     return common.AugmentedDataset(base, transform, seed)
 
 
@@ -213,22 +207,19 @@ def load_or_extract_features(model, splits, args, device):
     settings = dict(checkpoint=os.path.abspath(args.checkpoint), checkpoint_key=args.checkpoint_key, arch=args.arch,
                     data_path=args.data_path, img_size=args.img_size, n_last_blocks=args.n_last_blocks,
                     avgpool_patchtokens=args.avgpool_patchtokens)
-    if args.features_cache and os.path.isfile(args.features_cache):
-        if not common.get_rank() == 0:
-            return None
+    cached = args.features_cache and os.path.isfile(args.features_cache)
+    features = None if cached else {name: extract_features(model, split, args, device, f"{name} features")
+                                    for name, split in zip(("train", "test"), splits)}
+    if not common.get_rank() == 0:
+        return None
+    if cached:
         features = common.load_file(args.features_cache, "features cache")
         if not isinstance(features, dict) or features.pop("settings", None) != settings:
             raise common.UserError(f"{args.features_cache} was not extracted with these settings ({settings}): "
-                                   "delete it "
-                             "or choose another --features_cache.")
-    else:
-        features = {name: extract_features(model, split, args, device, f"{name} features")
-                    for name, split in zip(("train", "test"), splits)}
-        if not common.get_rank() == 0:
-            return None
-        if args.features_cache:
-            Path(args.features_cache).parent.mkdir(parents=True, exist_ok=True)
-            common.save_atomic({**features, "settings": settings}, args.features_cache)
+                                   "delete it or choose another --features_cache.")
+    elif args.features_cache:
+        pathlib.Path(args.features_cache).parent.mkdir(parents=True, exist_ok=True)
+        common.save_atomic({**features, "settings": settings}, args.features_cache)
     return {name: (x.to(device), y.to(device)) for name, (x, y) in features.items()}
 
 
@@ -336,8 +327,8 @@ def dino_linear(model, args, num_classes, device, features):
     lrs, dim = args.lr or [0.001], probe_dim(model, args.n_last_blocks, args.avgpool_patchtokens)
     probes = LinearProbes(dim, num_classes, len(lrs)).to(device)
     optimizer = probes.optimizer(lrs, args.batch_size_per_gpu * common.get_world_size())
-    trained = DistributedDataParallel(probes, device_ids=[device.index] if device.type == "cuda" else None) \
-        if common.get_world_size() > 1 else probes
+    trained = nn.parallel.DistributedDataParallel(
+        probes, device_ids=[device.index] if device.type == "cuda" else None) if common.get_world_size() > 1 else probes
     schedule = cosine(args.epochs * len(loader))
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
@@ -407,15 +398,18 @@ def check_args(args):
         raise common.UserError("nothing to do: pass --knn, --linear and/or --low_shot (or --features_cache to "
                                "extract only)")
     for name in ("img_size", "batch_size_per_gpu", "temperature", "epochs", "low_shot_seeds", "n_last_blocks",
-                 "nb_knn", "lr", "num_workers"):
+                 "nb_knn", "lr", "num_workers", "patch_size", "num_heads"):  # every numeric flag but --seed
         values = getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
         if not all(v is None or v > 0 or (v == 0 and name == "num_workers") for v in values):
             rule = ">= 0" if name == "num_workers" else "> 0"
             raise common.UserError(f"--{name} {' '.join(map(str, values))}: must be {rule}")
     if common.get_rank() == 0:  # the results are written there: a bad folder fails now, not after the evaluation
         try:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=args.output_dir).close()
+            pathlib.Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.output_dir) as probe:  # a full disk fails here too
+                probe.write(bytes(4096))
+                probe.flush()
+                os.fsync(probe.fileno())
         except OSError as err:
             raise common.UserError(f"cannot write eval_log.txt in --output_dir {args.output_dir} ({err.strerror})") \
                 from None
@@ -442,9 +436,8 @@ def main(args):
     features = load_or_extract_features(model, splits, args, device)
 
     # ---- evaluations: DINO's linear protocol trains on every process, the rest runs on rank 0
-    dino = None
-    if args.linear and args.linear_protocol == "dino":
-        dino = dino_linear(model, args, num_classes, device, features)
+    dino = dino_linear(model, args, num_classes, device, features) if args.linear and args.linear_protocol == "dino" \
+        else None
     if rank != 0:
         return None
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
@@ -478,22 +471,29 @@ def main(args):
     if "low_shot" in results:
         common.log("  low-shot top-1: " + ", ".join(f"{setting} {r['mean']:.2f} ± {r['std']:.2f}"
                                                     for setting, r in results["low_shot"].items()))
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(args.output_dir) / "eval_log.txt", "a") as f:
-        f.write(json.dumps(results) + "\n")
-    print(json.dumps(results), flush=True)
+    print(json.dumps(results), flush=True)  # before anything can fail to be written
+    try:
+        with open(pathlib.Path(args.output_dir) / "eval_log.txt", "a") as f:
+            f.write(json.dumps(results) + "\n")
+    except OSError as err:
+        raise common.UserError(f"cannot write eval_log.txt in --output_dir {args.output_dir} ({err.strerror}); the "
+                               "results are the JSON line above") from None
     return results
 
 
 if __name__ == "__main__":
     code = 0  # exit codes: 0 done, 2 a user error (one line; ROB_DEBUG=1 shows the traceback)
+    args = argparse.ArgumentParser("eval_linear", parents=[get_args_parser()]).parse_args()
+    created = not os.path.exists(args.output_dir)
     try:
-        main(argparse.ArgumentParser("eval_linear", parents=[get_args_parser()]).parse_args())
+        main(args)
     except common.UserError as err:
         if os.environ.get("ROB_DEBUG"):
             raise
         print(f"eval_linear.py: error: {err}", file=sys.stderr, flush=True)
         code = 2
+        if created and common.get_rank() == 0 and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)  # made by check_args, nothing written
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

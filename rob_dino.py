@@ -101,7 +101,7 @@ def load_teacher(name_or_path, num_heads=None):
     """The frozen RoB teacher (backbone + DINO head) from an official name (downloaded once into the torch.hub cache),
     a DINO full checkpoint or a checkpoint.pth of this script."""
     source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name][0]),
-                              "DINO full checkpoint")
+                              "DINO full checkpoint, or ema (the plain DINO baseline)")
     return teacher_from_checkpoint(common.load_file(source, "DINO teacher checkpoint"), source, num_heads)
 
 
@@ -169,8 +169,7 @@ def clip_gradients_per_tensor(params, max_norm):
     """Scale each gradient tensor down to a norm of at most max_norm (DINO's per-tensor clipping; 0: off)."""
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm:
-        norms = torch._foreach_norm(grads)
-        torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+        torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in torch._foreach_norm(grads)])
 
 
 # --------------------------------------------------------------------------------------------- the training step
@@ -185,9 +184,8 @@ def build_run(args, device, data, student, arch, teacher=None):
         teacher = common.place_teacher(teacher, device, run.teacher_dtype, [teacher.backbone, teacher.head.mlp])
     run.data, run.plain, run.teacher = data, plain, teacher if teacher is not None else plain.teacher
     common.check_patch(run.teacher.backbone, args.global_crops_size)
-    if args.compile:
-        common.compile_network(run.student)
-        common.compile_network(run.teacher)
+    for network in (run.student, run.teacher) if args.compile else ():
+        common.compile_network(network)
     run.loss_fn = torch.compile(dino_loss) if args.compile else dino_loss
     run.partners = view_partners(2, 2 + args.local_crops_number, swapped=args.swapped or plain is not None).to(device)
     run.saved = {} if plain is None else dict(teacher=plain.teacher, center=plain.center)
@@ -273,14 +271,14 @@ def build_augmentation(args):
 def main(args):
     check_args(args)
     device = common.init_distributed()
-    with locked_output_dir(args.output_dir) as output_dir:  # locked before any expensive work
+    with (locked_output_dir(args.output_dir) as output_dir,  # locked before any expensive work
+          torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])):  # the caller's RNG is kept
         data = common.training_data(args.data_path, build_augmentation(args), args.batch_size_per_gpu,
                                     args.num_workers, args.seed, args.subset, args.gpu_augment)
         teacher = None if args.teacher == "ema" else load_teacher(args.teacher)
         torch.manual_seed(common.mix_seed(args.seed, 0))  # the same initial student in every process, RoB or plain
         student, arch = build_student(args, teacher)
-        run = build_run(args, device, data, student, arch, teacher)
-        return train(run, data, output_dir, train_step)
+        return train(build_run(args, device, data, student, arch, teacher), data, output_dir, train_step)
 
 
 # ======================================================================================================================
@@ -303,7 +301,8 @@ def add_run_args(parser):
     group.add_argument("--global_crops_size", type=int, default=224)
     group.add_argument("--local_crops_size", type=int, default=96)
     group = parser.add_argument_group("data, output and runtime")
-    group.add_argument("--data_path", help="Required: an ImageFolder folder, 'fashion-mnist' or 'synthetic'.")
+    group.add_argument("--data_path", help="Required: a folder of images at any depth (labels unused), a text file "
+                       "listing image paths, 'fashion-mnist' or 'synthetic'.")
     group.add_argument("--subset", type=int, default=0, help="Train on a seeded random subset of this many images.")
     group.add_argument("--output_dir", default="output", help="Checkpoints, log.txt, the exported student.")
     group.add_argument("--saveckp_freq", type=int, default=20, help="Also keep checkpointNNNN.pth every N epochs.")
@@ -316,7 +315,7 @@ def add_run_args(parser):
 
 def check_flags(args, positive=(), non_negative=(), fractions=()):
     """One line naming the flag for a value out of range: the shared flags and a method's own lists."""
-    positive = ("epochs", "batch_size_per_gpu", "global_crops_size", "local_crops_size", *positive)
+    positive = ("epochs", "batch_size_per_gpu", "global_crops_size", "local_crops_size", "patch_size", *positive)
     non_negative = ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "subset",
                     "local_crops_number", "num_workers", "saveckp_freq", *non_negative)
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
@@ -332,15 +331,15 @@ def check_flags(args, positive=(), non_negative=(), fractions=()):
     if args.warmup_epochs >= args.epochs:
         raise common.UserError(f"--warmup_epochs {args.warmup_epochs} leaves nothing of a {args.epochs}-epoch run")
     if args.data_path is None:
-        raise common.UserError("--data_path is required: a folder of images, 'fashion-mnist' or 'synthetic'")
+        raise common.UserError("--data_path is required: a folder of images, a list file, 'fashion-mnist' or "
+                               "'synthetic'")
 
 
 def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
     """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
     the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
     256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
-    amp = device.type == "cuda" and args.precision != "fp32"
-    student, ddp = common.place_student(student, device)
+    amp, (student, ddp) = device.type == "cuda" and args.precision != "fp32", common.place_student(student, device)
     global_batch = args.batch_size_per_gpu * common.get_world_size()
     return SimpleNamespace(
         args=args, device=device, amp=amp, teacher_dtype=torch.bfloat16 if amp else torch.float32, student=student,
@@ -353,11 +352,9 @@ def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup
 
 def param_groups(model):
     """AdamW groups: weight decay on weight matrices and kernels only (the first group's follows the schedule)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [(p.ndim <= 1 or name.endswith(".bias"), p) for name, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for no_decay, p in params if not no_decay]},
+            {"params": [p for no_decay, p in params if no_decay], "weight_decay": 0.0}]
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
@@ -384,9 +381,17 @@ def train(run, data, output_dir, train_step):
         if stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.append(signum)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
-    step = run.step
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        return train_epochs(run, data, output_dir, train_step, stop)
+    finally:  # the host program's handlers back (main() used as a library)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def train_epochs(run, data, output_dir, train_step, stop):
+    """train()'s loop from run.step; `stop` lists the stop signals received."""
+    args, step = run.args, run.step
     for epoch in range(step // run.iters_per_epoch, args.epochs):
         data.sampler.set_epoch(epoch, start_batch=step - epoch * run.iters_per_epoch)  # mid-epoch after a resume
         logged, stopping, start = [], False, time.time()
@@ -420,7 +425,7 @@ def train(run, data, output_dir, train_step):
 def locked_output_dir(path):
     """--output_dir for the life of a run (rank 0): created, locked so that a second run on it stops at once, cleared
     of killed runs' temporary files; removed again if this run created it and failed before writing to it."""
-    path, created = Path(path), not Path(path).exists()
+    path, created, lock = Path(path), not Path(path).exists(), None
     if common.get_rank() != 0:
         yield path
         return
@@ -428,7 +433,16 @@ def locked_output_dir(path):
         path.mkdir(parents=True, exist_ok=True)
         lock = open(path / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
+        lock.write(" " * 4096)  # a full disk fails now, not at the first checkpoint
+        lock.flush()
+        os.fsync(lock.fileno())
+        lock.truncate(0)
     except OSError as err:
+        if lock is not None and not isinstance(err, BlockingIOError):  # ours: leave nothing behind
+            lock.close()
+            (path / ".lock").unlink(missing_ok=True)
+            if created:
+                path.rmdir()
         raise common.UserError(f"--output_dir {path} is in use by another run: wait for it to end or use another one"
                                if isinstance(err, BlockingIOError) else f"cannot create or write --output_dir {path} "
                                f"({err.strerror}): choose another folder") from None
@@ -448,36 +462,49 @@ RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp
 
 
 def resume(run, data, output_dir):
-    """Continue from output_dir/checkpoint.pth if there is one; refused, with the differences, if another script
-    wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), global batch or steps per epoch. A longer
-    --epochs is allowed: the schedules are those of the new length."""
-    path, args = output_dir / "checkpoint.pth", run.args
-    if not path.is_file():
+    """Continue from output_dir/checkpoint.pth if there is one, else (it was lost) from the newest checkpointNNNN.pth;
+    a folder with a log.txt and neither is refused, never trained over. Refused, with the differences, if another
+    script wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), data, global batch or steps per epoch.
+    A longer --epochs is allowed: the schedules are those of the new length. log.txt keeps the epochs before it."""
+    args, numbered = run.args, sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
+    path = next((p for p in [output_dir / "checkpoint.pth", *numbered] if p.is_file()), None)
+    if path is None:
+        if (output_dir / "log.txt").exists():
+            raise common.UserError(f"{output_dir} holds a run's log.txt but no checkpoint.pth to resume it from: "
+                                   "restore it, or use another --output_dir")
         return
+    if path.name != "checkpoint.pth":
+        common.log(f"{output_dir / 'checkpoint.pth'} is missing: resuming from {path.name}, the newest numbered one")
     ckpt = common.load_file(path, "resume checkpoint")
     if ckpt.get("method") != METHOD:
-
         raise common.UserError(f"{path} was written by {ckpt.get('method', 'another program')}, not {METHOD}.py: use "
                                "another --output_dir.")
     now = {**vars(args), "global_batch": run.global_batch, "iters_per_epoch": run.iters_per_epoch}
     saved = {**ckpt["args"], "global_batch": ckpt["global_batch"], "iters_per_epoch": ckpt["iters_per_epoch"]}
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and k not in RESUMABLE_FLAGS
-               and (list(v) if isinstance(v, tuple) else v) != (list(saved[k]) if isinstance(saved[k], tuple) else
-                                                                 saved[k])]
+               and ([*v] if isinstance(v, tuple) else v) != ([*saved[k]] if isinstance(saved[k], tuple) else saved[k])]
     if changed:
         raise common.UserError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): rerun with the "
                                "original flags, or use another --output_dir")
+    if ckpt.get("data", data.files) != data.files:
+        raise common.UserError(f"{path} was trained on other data ({ckpt['data']}; --data_path {args.data_path} holds "
+                               f"{data.files}): resume with the same files, or use another --output_dir")
     if args.epochs < ckpt["epoch"]:
         raise common.UserError(f"--epochs {args.epochs}: this run has already done {ckpt['epoch']} epochs")
     if args.epochs != saved["epochs"]:
         common.log(f"--epochs {saved['epochs']} -> {args.epochs}: the schedules are recomputed for {args.epochs} "
                    f"epochs and the run continues from step {ckpt['step']} on them")
-    run.student.load_state_dict(ckpt["student"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    for name, module in run.saved.items():
+    for name, module in {"student": run.student, "optimizer": run.optimizer, **run.saved}.items():
         module.load_state_dict(ckpt[name])
     data.dataset.unreadable[ckpt["unreadable"]] = True
     run.step = ckpt["step"]
+    log_file = output_dir / "log.txt"
+    if common.get_rank() == 0 and log_file.exists():  # epochs at or after the resume point are done (and logged) again
+        lines = log_file.read_text().splitlines()
+        kept = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] < ckpt["epoch"]]
+        if kept != lines:  # (a line cut short by a kill goes too)
+            (output_dir / ".log.txt.tmp").write_text("".join(line + "\n" for line in kept))
+            os.replace(output_dir / ".log.txt.tmp", log_file)
     common.log(f"resumed from {path} at step {run.step} (epoch {ckpt['epoch']})")
 
 
@@ -491,9 +518,8 @@ def save(run, data, output_dir, step, values, seconds):
     tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
     tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
                 if torch.is_tensor(t) and t.is_floating_point()]
-    size = run.args.global_crops_size
-    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(run.device)
-    outputs = run.student.eval()([probe])
+    probe = torch.randn(2, 3, *[run.args.global_crops_size] * 2, generator=torch.Generator().manual_seed(0))
+    outputs = run.student.eval()([probe.to(run.device)])
     run.student.train()
     tensors += [outputs] if torch.is_tensor(outputs) else list(outputs)
     if common.all_reduce_mean(torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()).item() < 1:
@@ -505,17 +531,15 @@ def save(run, data, output_dir, step, values, seconds):
     state = dict(method=METHOD, arch=run.arch, args=vars(run.args), step=step, epoch=epoch,
                  global_batch=run.global_batch, iters_per_epoch=run.iters_per_epoch, student=run.student.state_dict(),
                  optimizer=run.optimizer.state_dict(), unreadable=data.dataset.unreadable.nonzero()[:, 0].tolist(),
-                 **{name: module.state_dict() for name, module in run.saved.items()})
+                 data=data.files, **{name: module.state_dict() for name, module in run.saved.items()})
     common.export_timm(run.student.backbone, run.arch, output_dir / "student_timm.pth")
     if step % run.iters_per_epoch == 0:
         record = dict(epoch=epoch - 1, step=step, **{k: sum(v[k] for v in values) / len(values) for k in values[0]},
                       lr=run.lr_schedule[step - 1], wd=run.wd_schedule[step - 1], images_per_s=len(values) *
                       run.global_batch / seconds, skipped_images=data.dataset.num_skipped,
                       time=str(datetime.timedelta(seconds=int(seconds))))
-        lines = (output_dir / "log.txt").read_text().splitlines() if (output_dir / "log.txt").exists() else []
-        if not lines or json.loads(lines[-1])["epoch"] != record["epoch"]:  # an epoch redone after a kill: logged once
-            with open(output_dir / "log.txt", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        with open(output_dir / "log.txt", "a") as f:
+            f.write(json.dumps(record) + "\n")
         if run.args.saveckp_freq and epoch % run.args.saveckp_freq == 0:
             common.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
     common.save_atomic(state, output_dir / "checkpoint.pth")
@@ -525,7 +549,6 @@ def run_main():
     """The entry point. Exit codes: 0 done; 2 a user error (one line on stderr; ROB_DEBUG=1 shows the traceback); 3
     training diverged (non-finite loss or weights; nothing was saved); 128 + N stopped by signal N after saving a
     checkpoint to resume from (SIGTERM 143, Ctrl-C 130, SIGUSR1 138)."""
-    code = 0
     try:
         code = main(argparse.ArgumentParser(parents=[get_args_parser()],
                                             formatter_class=argparse.ArgumentDefaultsHelpFormatter).parse_args())

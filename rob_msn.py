@@ -31,12 +31,9 @@ import common
 
 METHOD = "rob_msn"
 TEACHERS = {  # official MSN releases {target_encoder, prototypes}: name -> (release, backbone, patch)
-    "msn_vits16": ("vits16_800ep", "vit_small", 16),
-    "msn_vitb16": ("vitb16_600ep", "vit_base", 16),
-    "msn_vitl16": ("vitl16_600ep", "vit_large", 16),
-    "msn_vitb4": ("vitb4_300ep", "vit_base", 4),
-    "msn_vitl7": ("vitl7_200ep", "vit_large", 7),
-}
+    "msn_vits16": ("vits16_800ep", "vit_small", 16), "msn_vitb16": ("vitb16_600ep", "vit_base", 16),
+    "msn_vitl16": ("vitl16_600ep", "vit_large", 16), "msn_vitb4": ("vitb4_300ep", "vit_base", 4),
+    "msn_vitl7": ("vitl7_200ep", "vit_large", 7)}
 URL = "https://dl.fbaipublicfiles.com/msn/{0}.pth.tar"
 
 
@@ -56,9 +53,8 @@ def teacher_probs(teacher_out, prototypes, temp):
 def view_pairs(n_teacher, n_crops, swapped=False):
     """(teacher view, student crop) pairs: same-view (RoB's default), teacher view t -> crop t and every crop that is
     not another teacher view; swapped (the original methods'), t -> every crop but t."""
-    if swapped:
-        return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s != t]
-    return [(t, s) for t in range(n_teacher) for s in range(n_crops) if s == t or s >= n_teacher]
+    return [(t, s) for t in range(n_teacher) for s in range(n_crops)
+            if (s != t if swapped else s == t or s >= n_teacher)]
 
 
 def multi_crop_cross_entropy(student_logits, target_probs, pairs, student_temp):
@@ -101,8 +97,7 @@ def drop_patch_tokens(tokens, patch_drop, n_prefix=1):
     patch tokens, drawn independently for every image (MSN's code floors the count and draws one subset for the whole
     batch). Dropped tokens are removed, not replaced. tokens: [B, n_prefix + N, D] -> [B, n_prefix + n_keep, D]."""
     b, n, d = tokens.shape[0], tokens.shape[1] - n_prefix, tokens.shape[2]
-    n_keep = round((1 - patch_drop) * n)
-    keep = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :n_keep] + n_prefix  # [B, n_keep]
+    keep = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :round((1 - patch_drop) * n)] + n_prefix
     return torch.cat([tokens[:, :n_prefix], tokens.gather(1, keep[..., None].expand(-1, -1, d))], dim=1)
 
 
@@ -119,10 +114,8 @@ class MSNNetwork(nn.Module):
     def __init__(self, backbone, head, patch_drop=0.0, prototypes=None):
         super().__init__()
         self.backbone, self.head, self.patch_drop = backbone, head, patch_drop
-        if isinstance(prototypes, nn.Parameter):
-            self.prototypes = prototypes
-        else:
-            self.register_buffer("prototypes", prototypes)
+        register = self.register_parameter if isinstance(prototypes, nn.Parameter) else self.register_buffer
+        register("prototypes", prototypes)  # the baseline's learned prototypes, or the teacher's (None: RoB's)
 
     def forward(self, crops):
         runs = [torch.cat(list(run)) for _, run in itertools.groupby(crops, key=lambda crop: crop.shape[-1])]
@@ -150,7 +143,8 @@ def build_student(args, teacher=None):
 
 def load_teacher(name_or_path, num_heads=None):
     """The frozen RoB teacher from an official name (downloaded once), an MSN release or this script's checkpoint."""
-    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name][0]), "MSN release")
+    source = common.source_of(name_or_path, TEACHERS, lambda name: URL.format(TEACHERS[name][0]),
+                              "MSN release, or ema (the plain MSN baseline)")
     return teacher_from_checkpoint(common.load_file(source, "MSN teacher checkpoint"), source, num_heads)
 
 
@@ -177,8 +171,7 @@ class PlainMSN:
         self.teacher = MSNNetwork(common.create_backbone(teacher_arch), copy.deepcopy(student.head))
         self.teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k != "prototypes"})
         self.teacher = common.sync_batchnorm(self.teacher.requires_grad_(False)).to(device)
-        self.student_params = network_params(student)
-        self.args = args
+        self.student_params, self.args = network_params(student), args
         total = args.epochs * iters_per_epoch
         momentum = torch.linspace(args.momentum_teacher, 1.0, int(1.25 * total) + 1, dtype=torch.float64)
         self.momentum = momentum[:total].tolist()
@@ -227,19 +220,17 @@ def build_run(args, device, data, student, arch, teacher=None):
     groups = param_groups(nn.ModuleList([student.backbone, student.head]))
     if teacher is None:
         groups[1]["params"].append(student.prototypes)
-    run = new_run(args, device, student, arch, len(data.loader), optimizer=torch.optim.AdamW(
-        groups, fused=device.type == "cuda"), warmup_start=args.start_lr * args.batch_size_per_gpu *
-        common.get_world_size() / 256)
+    run = new_run(args, device, student, arch, len(data.loader), torch.optim.AdamW(groups, fused=device.type == "cuda"),
+                  args.start_lr * args.batch_size_per_gpu * common.get_world_size() / 256)  # optimizer, warmup_start
     plain = PlainMSN(run.student, arch, args, run.iters_per_epoch, device) if teacher is None else None
     if teacher is not None:
-        teacher = common.place_teacher(teacher, device, run.teacher_dtype, [teacher.backbone, teacher.head])
-        if isinstance(teacher.head, MSNProjection):
-            teacher.head.fc3.float()
+        head = teacher.head  # in the teacher's dtype but fc3, fp32 (the cosines / 0.025 need it)
+        low = [head.fc1, head.bn1, head.fc2, head.bn2] if isinstance(head, MSNProjection) else [head]
+        teacher = common.place_teacher(teacher, device, run.teacher_dtype, [teacher.backbone, *low])
         common.check_patch(teacher.backbone, args.global_crops_size)
     run.data, run.plain, run.teacher = data, plain, teacher if teacher is not None else plain.teacher
-    if args.compile:
-        common.compile_network(run.student)
-        common.compile_network(run.teacher)
+    for network in (run.student, run.teacher) if args.compile else ():
+        common.compile_network(network)
     run.loss_fn = torch.compile(multi_crop_cross_entropy) if args.compile else multi_crop_cross_entropy
     n_crops = 2 + args.local_crops_number
     run.pairs = view_pairs(2, n_crops, args.swapped) if plain is None else [(0, s) for s in range(n_crops - 1)]
@@ -322,14 +313,14 @@ def build_augmentation(args):
 def main(args):
     check_args(args)
     device = common.init_distributed()
-    with locked_output_dir(args.output_dir) as output_dir:  # locked before any expensive work
+    with (locked_output_dir(args.output_dir) as output_dir,  # locked before any expensive work
+          torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])):  # the caller's RNG is kept
         data = common.training_data(args.data_path, build_augmentation(args), args.batch_size_per_gpu,
                                     args.num_workers, args.seed, args.subset, args.gpu_augment)
         teacher = None if args.teacher == "ema" else load_teacher(args.teacher)
         torch.manual_seed(common.mix_seed(args.seed, 0))  # the same initial student in every process, RoB or plain
         student, arch = build_student(args, teacher)
-        run = build_run(args, device, data, student, arch, teacher)
-        return train(run, data, output_dir, train_step)
+        return train(build_run(args, device, data, student, arch, teacher), data, output_dir, train_step)
 
 
 # ======================================================================================================================
@@ -352,7 +343,8 @@ def add_run_args(parser):
     group.add_argument("--global_crops_size", type=int, default=224)
     group.add_argument("--local_crops_size", type=int, default=96)
     group = parser.add_argument_group("data, output and runtime")
-    group.add_argument("--data_path", help="Required: an ImageFolder folder, 'fashion-mnist' or 'synthetic'.")
+    group.add_argument("--data_path", help="Required: a folder of images at any depth (labels unused), a text file "
+                       "listing image paths, 'fashion-mnist' or 'synthetic'.")
     group.add_argument("--subset", type=int, default=0, help="Train on a seeded random subset of this many images.")
     group.add_argument("--output_dir", default="output", help="Checkpoints, log.txt, the exported student.")
     group.add_argument("--saveckp_freq", type=int, default=20, help="Also keep checkpointNNNN.pth every N epochs.")
@@ -365,7 +357,7 @@ def add_run_args(parser):
 
 def check_flags(args, positive=(), non_negative=(), fractions=()):
     """One line naming the flag for a value out of range: the shared flags and a method's own lists."""
-    positive = ("epochs", "batch_size_per_gpu", "global_crops_size", "local_crops_size", *positive)
+    positive = ("epochs", "batch_size_per_gpu", "global_crops_size", "local_crops_size", "patch_size", *positive)
     non_negative = ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "subset",
                     "local_crops_number", "num_workers", "saveckp_freq", *non_negative)
     for names, ok, rule in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
@@ -381,15 +373,15 @@ def check_flags(args, positive=(), non_negative=(), fractions=()):
     if args.warmup_epochs >= args.epochs:
         raise common.UserError(f"--warmup_epochs {args.warmup_epochs} leaves nothing of a {args.epochs}-epoch run")
     if args.data_path is None:
-        raise common.UserError("--data_path is required: a folder of images, 'fashion-mnist' or 'synthetic'")
+        raise common.UserError("--data_path is required: a folder of images, a list file, 'fashion-mnist' or "
+                               "'synthetic'")
 
 
 def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
     """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
     the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
     256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
-    amp = device.type == "cuda" and args.precision != "fp32"
-    student, ddp = common.place_student(student, device)
+    amp, (student, ddp) = device.type == "cuda" and args.precision != "fp32", common.place_student(student, device)
     global_batch = args.batch_size_per_gpu * common.get_world_size()
     return SimpleNamespace(
         args=args, device=device, amp=amp, teacher_dtype=torch.bfloat16 if amp else torch.float32, student=student,
@@ -402,11 +394,9 @@ def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup
 
 def param_groups(model):
     """AdamW groups: weight decay on weight matrices and kernels only (the first group's follows the schedule)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [(p.ndim <= 1 or name.endswith(".bias"), p) for name, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for no_decay, p in params if not no_decay]},
+            {"params": [p for no_decay, p in params if no_decay], "weight_decay": 0.0}]
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
@@ -433,9 +423,17 @@ def train(run, data, output_dir, train_step):
         if stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.append(signum)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
-    step = run.step
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        return train_epochs(run, data, output_dir, train_step, stop)
+    finally:  # the host program's handlers back (main() used as a library)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def train_epochs(run, data, output_dir, train_step, stop):
+    """train()'s loop from run.step; `stop` lists the stop signals received."""
+    args, step = run.args, run.step
     for epoch in range(step // run.iters_per_epoch, args.epochs):
         data.sampler.set_epoch(epoch, start_batch=step - epoch * run.iters_per_epoch)  # mid-epoch after a resume
         logged, stopping, start = [], False, time.time()
@@ -469,7 +467,7 @@ def train(run, data, output_dir, train_step):
 def locked_output_dir(path):
     """--output_dir for the life of a run (rank 0): created, locked so that a second run on it stops at once, cleared
     of killed runs' temporary files; removed again if this run created it and failed before writing to it."""
-    path, created = Path(path), not Path(path).exists()
+    path, created, lock = Path(path), not Path(path).exists(), None
     if common.get_rank() != 0:
         yield path
         return
@@ -477,7 +475,16 @@ def locked_output_dir(path):
         path.mkdir(parents=True, exist_ok=True)
         lock = open(path / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
+        lock.write(" " * 4096)  # a full disk fails now, not at the first checkpoint
+        lock.flush()
+        os.fsync(lock.fileno())
+        lock.truncate(0)
     except OSError as err:
+        if lock is not None and not isinstance(err, BlockingIOError):  # ours: leave nothing behind
+            lock.close()
+            (path / ".lock").unlink(missing_ok=True)
+            if created:
+                path.rmdir()
         raise common.UserError(f"--output_dir {path} is in use by another run: wait for it to end or use another one"
                                if isinstance(err, BlockingIOError) else f"cannot create or write --output_dir {path} "
                                f"({err.strerror}): choose another folder") from None
@@ -497,36 +504,49 @@ RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp
 
 
 def resume(run, data, output_dir):
-    """Continue from output_dir/checkpoint.pth if there is one; refused, with the differences, if another script
-    wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), global batch or steps per epoch. A longer
-    --epochs is allowed: the schedules are those of the new length."""
-    path, args = output_dir / "checkpoint.pth", run.args
-    if not path.is_file():
+    """Continue from output_dir/checkpoint.pth if there is one, else (it was lost) from the newest checkpointNNNN.pth;
+    a folder with a log.txt and neither is refused, never trained over. Refused, with the differences, if another
+    script wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), data, global batch or steps per epoch.
+    A longer --epochs is allowed: the schedules are those of the new length. log.txt keeps the epochs before it."""
+    args, numbered = run.args, sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
+    path = next((p for p in [output_dir / "checkpoint.pth", *numbered] if p.is_file()), None)
+    if path is None:
+        if (output_dir / "log.txt").exists():
+            raise common.UserError(f"{output_dir} holds a run's log.txt but no checkpoint.pth to resume it from: "
+                                   "restore it, or use another --output_dir")
         return
+    if path.name != "checkpoint.pth":
+        common.log(f"{output_dir / 'checkpoint.pth'} is missing: resuming from {path.name}, the newest numbered one")
     ckpt = common.load_file(path, "resume checkpoint")
     if ckpt.get("method") != METHOD:
-
         raise common.UserError(f"{path} was written by {ckpt.get('method', 'another program')}, not {METHOD}.py: use "
                                "another --output_dir.")
     now = {**vars(args), "global_batch": run.global_batch, "iters_per_epoch": run.iters_per_epoch}
     saved = {**ckpt["args"], "global_batch": ckpt["global_batch"], "iters_per_epoch": ckpt["iters_per_epoch"]}
     changed = [f"--{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and k not in RESUMABLE_FLAGS
-               and (list(v) if isinstance(v, tuple) else v) != (list(saved[k]) if isinstance(saved[k], tuple) else
-                                                                 saved[k])]
+               and ([*v] if isinstance(v, tuple) else v) != ([*saved[k]] if isinstance(saved[k], tuple) else saved[k])]
     if changed:
         raise common.UserError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): rerun with the "
                                "original flags, or use another --output_dir")
+    if ckpt.get("data", data.files) != data.files:
+        raise common.UserError(f"{path} was trained on other data ({ckpt['data']}; --data_path {args.data_path} holds "
+                               f"{data.files}): resume with the same files, or use another --output_dir")
     if args.epochs < ckpt["epoch"]:
         raise common.UserError(f"--epochs {args.epochs}: this run has already done {ckpt['epoch']} epochs")
     if args.epochs != saved["epochs"]:
         common.log(f"--epochs {saved['epochs']} -> {args.epochs}: the schedules are recomputed for {args.epochs} "
                    f"epochs and the run continues from step {ckpt['step']} on them")
-    run.student.load_state_dict(ckpt["student"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    for name, module in run.saved.items():
+    for name, module in {"student": run.student, "optimizer": run.optimizer, **run.saved}.items():
         module.load_state_dict(ckpt[name])
     data.dataset.unreadable[ckpt["unreadable"]] = True
     run.step = ckpt["step"]
+    log_file = output_dir / "log.txt"
+    if common.get_rank() == 0 and log_file.exists():  # epochs at or after the resume point are done (and logged) again
+        lines = log_file.read_text().splitlines()
+        kept = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] < ckpt["epoch"]]
+        if kept != lines:  # (a line cut short by a kill goes too)
+            (output_dir / ".log.txt.tmp").write_text("".join(line + "\n" for line in kept))
+            os.replace(output_dir / ".log.txt.tmp", log_file)
     common.log(f"resumed from {path} at step {run.step} (epoch {ckpt['epoch']})")
 
 
@@ -540,9 +560,8 @@ def save(run, data, output_dir, step, values, seconds):
     tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
     tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
                 if torch.is_tensor(t) and t.is_floating_point()]
-    size = run.args.global_crops_size
-    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(run.device)
-    outputs = run.student.eval()([probe])
+    probe = torch.randn(2, 3, *[run.args.global_crops_size] * 2, generator=torch.Generator().manual_seed(0))
+    outputs = run.student.eval()([probe.to(run.device)])
     run.student.train()
     tensors += [outputs] if torch.is_tensor(outputs) else list(outputs)
     if common.all_reduce_mean(torch.stack([torch.isfinite(t).all() for t in tensors]).all().float()).item() < 1:
@@ -554,17 +573,15 @@ def save(run, data, output_dir, step, values, seconds):
     state = dict(method=METHOD, arch=run.arch, args=vars(run.args), step=step, epoch=epoch,
                  global_batch=run.global_batch, iters_per_epoch=run.iters_per_epoch, student=run.student.state_dict(),
                  optimizer=run.optimizer.state_dict(), unreadable=data.dataset.unreadable.nonzero()[:, 0].tolist(),
-                 **{name: module.state_dict() for name, module in run.saved.items()})
+                 data=data.files, **{name: module.state_dict() for name, module in run.saved.items()})
     common.export_timm(run.student.backbone, run.arch, output_dir / "student_timm.pth")
     if step % run.iters_per_epoch == 0:
         record = dict(epoch=epoch - 1, step=step, **{k: sum(v[k] for v in values) / len(values) for k in values[0]},
                       lr=run.lr_schedule[step - 1], wd=run.wd_schedule[step - 1], images_per_s=len(values) *
                       run.global_batch / seconds, skipped_images=data.dataset.num_skipped,
                       time=str(datetime.timedelta(seconds=int(seconds))))
-        lines = (output_dir / "log.txt").read_text().splitlines() if (output_dir / "log.txt").exists() else []
-        if not lines or json.loads(lines[-1])["epoch"] != record["epoch"]:  # an epoch redone after a kill: logged once
-            with open(output_dir / "log.txt", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        with open(output_dir / "log.txt", "a") as f:
+            f.write(json.dumps(record) + "\n")
         if run.args.saveckp_freq and epoch % run.args.saveckp_freq == 0:
             common.save_atomic(state, output_dir / f"checkpoint{epoch:04}.pth")
     common.save_atomic(state, output_dir / "checkpoint.pth")
@@ -574,7 +591,6 @@ def run_main():
     """The entry point. Exit codes: 0 done; 2 a user error (one line on stderr; ROB_DEBUG=1 shows the traceback); 3
     training diverged (non-finite loss or weights; nothing was saved); 128 + N stopped by signal N after saving a
     checkpoint to resume from (SIGTERM 143, Ctrl-C 130, SIGUSR1 138)."""
-    code = 0
     try:
         code = main(argparse.ArgumentParser(parents=[get_args_parser()],
                                             formatter_class=argparse.ArgumentDefaultsHelpFormatter).parse_args())

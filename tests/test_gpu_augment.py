@@ -1,7 +1,6 @@
 """--gpu_augment's batched augmentation (run here on CPU tensors): same parameter distributions as the
 per-image PIL path, same colour operations as torchvision, decoding equal to PIL's."""
 import io
-import math
 
 import pytest
 import torch

@@ -282,8 +282,9 @@ USER_ERRORS = [
     ("rob_swav.py", ["--data_path", "synthetic", "--student", "resnet_9000", "--teacher",
                      OFFICIAL_TINY / "swav_tiny_rn_1111.pth.tar"], "unknown student 'resnet_9000'"),
     ("rob_msn.py", ["--data_path", "synthetic", "--teacher", "missing/teacher.pth"], "not found: missing/teacher.pth"),
-    ("rob_dino.py", ["--data_path", "missing_folder"], "--data_path missing_folder is not a folder"),
+    ("rob_dino.py", ["--data_path", "missing_folder"], "--data_path missing_folder is neither a folder nor a file"),
     ("rob_ibot.py", [], "--data_path is required"),
+    ("rob_swav.py", ["--data_path", "synthetic", "--teacher", "ema"], "or self (the plain SwAV baseline)"),
     ("eval_linear.py", ["--checkpoint", ASSETS / "fmnist_dino_vit_nano.pth", "--knn", "--nb_knn", "0"],
      "--nb_knn 0: must be > 0"),
 ]
@@ -386,3 +387,121 @@ def test_eval_defaults_to_the_network_a_checkpoint_holds(tmp_path):
     result = run_script(["eval_linear.py", "--checkpoint", tmp_path / "no_arch.pth", "--knn", "--output_dir",
                          tmp_path], check=False)
     assert result.returncode == 2 and "without its 'arch' record" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ second reliability pass
+def test_a_lost_checkpoint_resumes_from_the_newest_numbered_one_and_keeps_the_history(tmp_path, small_folder, capsys):
+    args = flags("rob_dino", "rob", small_folder, tmp_path, ["--epochs", "3", "--saveckp_freq", "2"])  # 3 steps/epoch
+    assert in_process("rob_dino", args) == 0
+    final, history = weights(tmp_path), (tmp_path / "log.txt").read_text()
+    numbered = (tmp_path / "checkpoint0002.pth").read_bytes()
+    (tmp_path / "checkpoint.pth").unlink()
+    capsys.readouterr()
+    assert in_process("rob_dino", args) == 0  # epoch 2 again, from checkpoint0002.pth: the same weights
+    assert "checkpoint.pth is missing: resuming from checkpoint0002.pth" in capsys.readouterr().out
+    assert all(torch.equal(tensor, final[name]) for name, tensor in weights(tmp_path).items())
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2] and lines[:2] == history.splitlines()[:2]
+    assert (tmp_path / "checkpoint0002.pth").read_bytes() == numbered
+    for checkpoint in tmp_path.glob("checkpoint*.pth"):  # a run's history without any checkpoint: refused
+        checkpoint.unlink()
+    with pytest.raises(common.UserError, match="holds a run's log.txt but no checkpoint.pth to resume it from"):
+        in_process("rob_dino", args)
+    assert (tmp_path / "log.txt").read_text().splitlines() == lines and not (tmp_path / "checkpoint.pth").exists()
+
+
+def test_a_full_disk_at_start_up_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import eval_linear
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    (tmp_path / "existing").mkdir()
+    for out in (tmp_path / "new", tmp_path / "existing"):
+        with pytest.raises(common.UserError, match=r"cannot create or write --output_dir .*\(No space left on device"):
+            with rob_dino.locked_output_dir(out):
+                pass
+    assert not (tmp_path / "new").exists() and list((tmp_path / "existing").iterdir()) == []
+    parser = argparse.ArgumentParser(parents=[eval_linear.get_args_parser()])
+    eval_args = ["--checkpoint", ASSETS / "fmnist_dino_vit_nano.pth", "--data_path", "synthetic", "--img_size", "28",
+                 "--knn", "--nb_knn", "5", "--num_workers", "0", "--output_dir", tmp_path / "eval"]
+    with pytest.raises(common.UserError, match=r"cannot write eval_log.txt .*\(No space left on device\)"):
+        eval_linear.check_args(parser.parse_args(map(str, eval_args)))
+    monkeypatch.undo()
+    real_open = open  # the disk fills during the evaluation: its results are printed before the log is written
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith("eval_log.txt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(eval_linear, "open", full, raising=False)
+    capsys.readouterr()
+    with pytest.raises(common.UserError, match="No space left on device.*the results are the JSON line above"):
+        eval_linear.main(parser.parse_args(map(str, eval_args)))
+    assert "knn" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("script", ["rob_dino", "rob_ibot", "rob_msn", "rob_swav", "eval_linear"])
+def test_every_numeric_flag_is_checked(script):
+    """Each int/float flag (but --seed) given -1, or a fraction 2: one UserError naming it, from check_args."""
+    module = importlib.import_module(script)
+    parser = argparse.ArgumentParser(parents=[module.get_args_parser()])
+    base = ["--knn", "--output_dir", ROOT / "tests", "--checkpoint", "x"] if script == "eval_linear" else \
+        ["--data_path", "synthetic"]
+    numeric = [a for a in parser._actions if a.type in (int, float) and a.option_strings and not a.choices]
+    assert len(numeric) >= 12
+    for action in numeric:
+        if action.dest == "seed":
+            continue
+        count = action.nargs if isinstance(action.nargs, int) else 1
+        with pytest.raises(common.UserError, match=f"^--{action.dest}|--{action.dest} "):
+            module.check_args(parser.parse_args([*map(str, base), action.option_strings[0], *["-1"] * count]))
+
+
+def test_an_unreadable_data_set_is_one_line(tmp_path):
+    for i in range(60):
+        (tmp_path / "data" / "x").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "x" / f"{i}.jpg").write_text("not an image")
+    args = flags("rob_dino", "plain", tmp_path / "data", tmp_path / "run", ["--epochs", "1", "--num_workers", "1"])
+    result = run_script(["rob_dino.py", *args], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "skipping" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "none of 50 images in a row" in errors[0] and ".jpg (UnidentifiedImageError)" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path, small_folder, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common, "training_data", interrupted)
+    monkeypatch.setattr(sys, "argv", ["rob_dino.py", *map(str, flags("rob_dino", "rob", small_folder, tmp_path / "r"))])
+    with pytest.raises(SystemExit) as stopped:
+        rob_dino.run_main()
+    assert stopped.value.code == 130 and "Traceback" not in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("script", ["rob_dino", "rob_swav"])
+def test_main_as_a_library_leaves_signal_handlers_and_rng_as_they_were(tmp_path, small_folder, script):
+    module = importlib.import_module(script)
+    mine = {sig: (lambda signum, frame: None) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    before = {sig: signal.signal(sig, handler) for sig, handler in mine.items()}
+    try:
+        torch.manual_seed(1234)
+        rng = torch.get_rng_state()
+        args = argparse.ArgumentParser(parents=[module.get_args_parser()]).parse_args(
+            map(str, flags(script, "rob", small_folder, tmp_path, ["--epochs", "1"])))
+        assert module.main(args) == 0
+        assert {sig: signal.getsignal(sig) for sig in mine} == mine
+        assert torch.equal(torch.get_rng_state(), rng)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_eval_user_errors_leave_no_output_dir_and_no_torch_text(tmp_path):
+    (tmp_path / "log.txt").write_text('{"epoch": 0, "step": 3}\n{"epo')
+    result = run_script(["eval_linear.py", "--checkpoint", tmp_path / "log.txt", "--knn", "--output_dir",
+                         tmp_path / "new" / "eval"], check=False)
+    assert result.returncode == 2 and "is it a complete PyTorch checkpoint" in result.stderr, result.stderr
+    assert "file an issue" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "new" / "eval").exists()

@@ -226,6 +226,29 @@ def test_official_release_layouts_load(release):
     assert teacher.backbone.patch_embed.proj.kernel_size == (patch, patch)
 
 
+def test_a_low_precision_teacher_keeps_fc3_in_fp32(monkeypatch):
+    """On a GPU the teacher runs in bf16 but its last projection layer, whose outputs become cosines / 0.025: that
+    layer keeps its fp32 weights exactly (bf16 forced here on the CPU)."""
+    real_new_run = rob_msn.new_run
+
+    def bf16_run(*args, **kwargs):
+        run = real_new_run(*args, **kwargs)
+        run.teacher_dtype = torch.bfloat16
+        return run
+    monkeypatch.setattr(rob_msn, "new_run", bf16_run)
+    teacher = rob_msn.load_teacher(str(ASSETS / "fmnist_msn_vit_nano.pth"))
+    fc3 = teacher.head.fc3.weight.clone()
+    args = parse(["--data_path", "synthetic", "--student", "vit_pico", "--patch_size", "7", "--global_crops_size",
+                  "28", "--local_crops_size", "14", "--batch_size_per_gpu", "4", "--hidden_dim", "64"])
+    data = common.training_data("synthetic", rob_msn.build_augmentation(args), 4, 0, subset=8)
+    student, arch = rob_msn.build_student(args, teacher)
+    run = rob_msn.build_run(args, torch.device("cpu"), data, student, arch, teacher)
+    head = run.teacher.head
+    assert head.fc1.weight.dtype == head.fc2.weight.dtype == torch.bfloat16
+    assert next(run.teacher.backbone.parameters()).dtype == torch.bfloat16
+    assert head.fc3.weight.dtype == torch.float32 and torch.equal(head.fc3.weight, fc3)
+
+
 def test_wrong_checkpoints_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="rob_dino.py"):
         rob_msn.load_teacher(str(OFFICIAL_TINY / "dino_tiny_full_checkpoint.pth"))
