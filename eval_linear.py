@@ -251,11 +251,11 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, ks,
 class LinearProbes(nn.Module):
     """One linear classifier per learning rate, all trained by one pass over the data (DINO's init: N(0, 0.01), 0)."""
 
-    def __init__(self, dim, num_classes, n):
+    def __init__(self, dim, num_classes, n, generator):
         super().__init__()
         self.linears = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n))
-        for linear in self.linears:
-            nn.init.normal_(linear.weight, std=0.01)
+        for linear in self.linears:  # from --seed alone, not from whatever the global RNG holds
+            nn.init.normal_(linear.weight, std=0.01, generator=generator)
             nn.init.zeros_(linear.bias)
 
     def forward(self, features):
@@ -301,7 +301,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
     mean, std = train_features[fit].mean(0), train_features[fit].std(0).clamp_min(1e-6)
     fit_x, held_x, test_x = ((x - mean) / std for x in (train_features[fit], train_features[held], test_features))
     fit_y = train_labels[fit]
-    probes = LinearProbes(train_features.shape[1], num_classes, len(lrs)).to(device)
+    probes = LinearProbes(train_features.shape[1], num_classes, len(lrs), generator).to(device)
     optimizer = probes.optimizer(lrs, FAST_BATCH_SIZE)
     steps_per_epoch = math.ceil(len(fit) / FAST_BATCH_SIZE)
     schedule = cosine(epochs * steps_per_epoch)
@@ -325,7 +325,7 @@ def dino_linear(model, args, num_classes, device, features):
     dataset = build_split(args.data_path, True, augment, args.img_size, args.seed)
     loader, sampler = common.build_loader(dataset, args.batch_size_per_gpu, args.num_workers, args.seed)
     lrs, dim = args.lr or [0.001], probe_dim(model, args.n_last_blocks, args.avgpool_patchtokens)
-    probes = LinearProbes(dim, num_classes, len(lrs)).to(device)
+    probes = LinearProbes(dim, num_classes, len(lrs), torch.Generator().manual_seed(args.seed)).to(device)
     optimizer = probes.optimizer(lrs, args.batch_size_per_gpu * common.get_world_size())
     trained = nn.parallel.DistributedDataParallel(
         probes, device_ids=[device.index] if device.type == "cuda" else None) if common.get_world_size() > 1 else probes

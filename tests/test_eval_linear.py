@@ -52,6 +52,18 @@ def test_linear_probe_on_pixels_gives_the_logistic_regression_baseline(pixels):
     assert result["holdout_top1"] == max(result["holdout_top1_per_lr"].values())
 
 
+def test_linear_probe_depends_on_its_seed_not_on_the_global_rng():
+    gen = torch.Generator().manual_seed(1)
+    train, test = torch.randn(600, 8, generator=gen), torch.randn(100, 8, generator=gen)
+    train_labels, test_labels = (x[:, :3].argmax(1) for x in (train, test))
+
+    def probe(global_seed, seed):
+        torch.manual_seed(global_seed)  # whatever ran before (a model built, an augmentation) left the RNG here
+        return eval_linear.linear_probe(train, train_labels, test, test_labels, 3, [1e-3, 1e-2], epochs=1, seed=seed)
+    assert probe(0, seed=0) == probe(123, seed=0)
+    assert probe(0, seed=0)["holdout_top1_per_lr"] != probe(0, seed=1)["holdout_top1_per_lr"]
+
+
 def test_knn_equals_brute_force_float64():
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(10, 16, generator=gen)
