@@ -11,7 +11,7 @@ install:  ## the pinned requirements (+ Debian's Fashion-MNIST when it is missin
 	  echo "Fashion-MNIST will be downloaded by torchvision on first use"
 
 test: install  ## the test suite, two tests at a time (one thread each): about 9 minutes on 2 CPU cores
-	$(PYTHON) -m pip install -q pytest pytest-xdist scikit-image  # (scikit-image: the transfer tasks' photographs)
+	$(PYTHON) -m pip install -q pytest pytest-xdist scikit-image==0.26.0  # (scikit-image: the transfer tasks' photographs)
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest tests -q -m "not slow" -n 2
 
 test-slow: install  ## the Fashion-MNIST training runs per method (18 minutes on 2 CPU cores)

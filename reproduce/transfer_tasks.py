@@ -11,10 +11,11 @@ The design (reproduce/README.md "Transfer tasks") was fixed before any student w
   shrunk to 28; the class is the photograph. Train patches come from the top 60 % of each photograph's rows, val
   patches from the bottom 40 %: no pixel is in both. 500 train and 200 val per class.
 Train images draw their items from Fashion-MNIST's training set, val images from its test set. Every image has its
-own seed (task, split, index), so a task's files are the same bytes on every machine and in every call; objects
-keep 2 px from the border (eval_linear.py's resize + centre crop keeps them whole).
-scikit-image is needed by the photos task only (pip install scikit-image), not by the trainers.
-    python reproduce/transfer_tasks.py runs/transfer [count distance photos]      (about a minute)"""
+own seed (task, split, class, index), so a task's images are the same on every call and machine (the photos: with
+the same scikit-image, 0.26.0 here); objects keep 2 px from the border (eval_linear.py's resize + centre crop keeps
+them whole). scikit-image is needed by the photos task only, not by the trainers.
+    python reproduce/transfer_tasks.py runs/transfer [count distance photos]      (under a minute of CPU)
+writes runs/transfer/<task>/{train,val}/<class>/*.png and runs/transfer/transfer_<task>.png (2 val images a class)."""
 import math
 import shutil
 import sys
@@ -46,7 +47,7 @@ def random_corner(generator):
 
 def place(n, generator):
     """n top-left corners (row, column) of boxes inside the margin, no two closer than GAP."""
-    while True:
+    for _ in range(1000):
         corners = []
         for _ in range(100 * n):
             corner = random_corner(generator)
@@ -54,6 +55,7 @@ def place(n, generator):
                 corners.append(corner)
                 if len(corners) == n:
                     return corners
+    raise RuntimeError(f"{n} boxes do not fit on the canvas")
 
 
 def centre_distance(a, b):
@@ -86,10 +88,12 @@ def object_image(task, label, generator, items):
     if task == "count":
         corners = place(COUNTS[label], generator)
     else:
-        while True:
+        for _ in range(10000):
             corners = place(2, generator)
             if distance_class(centre_distance(*corners)) == label:
                 break
+        else:
+            raise RuntimeError(f"no two boxes at a distance of class {label}")
     picks = torch.randint(0, len(items), (len(corners),), generator=generator).tolist()
     return render([shrink(items[i], ITEM) for i in picks], corners), corners
 
@@ -145,9 +149,9 @@ def generate(task, out, scale=1.0):
                 Image.fromarray(image.numpy(), mode="L").save(folder / f"{i:05d}.png", optimize=False)
 
 
-def examples(root, out):
+def examples(root, out, tasks=tuple(SIZES)):
     """One PNG per task: 2 images of each class side by side (val), scaled x3."""
-    for task in SIZES:
+    for task in tasks:
         folders = sorted((Path(root) / task / "val").iterdir(), key=lambda p: classes(task).index(p.name))
         tiles = [Image.open(f) for folder in folders for f in sorted(folder.iterdir())[:2]]
         sheet = Image.new("L", (len(tiles) * (CANVAS + 2), CANVAS), 255)
@@ -167,6 +171,7 @@ def main():
             generate(task, partial)
             partial.rename(out / task)
         print(f"{out / task}: classes {', '.join(classes(task))}")
+    examples(out, out, tasks)
 
 
 if __name__ == "__main__":

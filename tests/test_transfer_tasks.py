@@ -3,6 +3,7 @@ import hashlib
 import importlib.util
 import math
 
+import numpy as np
 import torch
 
 from conftest import ROOT
@@ -71,6 +72,24 @@ def test_count_and_distance_labels_are_what_the_image_shows():
                 centres.append((rows[inside].double().mean().item(), cols[inside].double().mean().item()))
             distance = math.hypot(centres[0][0] - centres[1][0], centres[0][1] - centres[1][1])
             assert tasks.DISTANCE_BINS[label] <= distance < tasks.DISTANCE_BINS[label + 1]
+
+
+def test_each_generated_folder_holds_its_class(tmp_path, monkeypatch):
+    from PIL import Image
+    solid = torch.full((50, 28, 28), 255, dtype=torch.uint8)  # every item a solid square once shrunk
+    monkeypatch.setattr(tasks.common, "load_fashion_mnist", lambda train: (solid, torch.zeros(50, dtype=torch.long)))
+    for task in ("count", "distance"):
+        tasks.generate(task, tmp_path / task, scale=0.004)
+        for folder in (tmp_path / task / "val").iterdir():
+            for path in folder.iterdir():
+                image = torch.from_numpy(np.array(Image.open(path)))
+                if task == "count":
+                    assert components(image) == int(folder.name), path
+                else:
+                    rows, cols = image.nonzero(as_tuple=True)
+                    low, high = map(int, folder.name.split("-"))  # the two squares: the extreme pixels' centres
+                    span = (rows.max() - rows.min() - 6, cols.max() - cols.min() - 6)
+                    assert components(image) == 2 and low <= math.hypot(*span) < high + 0.1, path
 
 
 def test_photo_patches_of_train_and_val_never_share_a_pixel():
