@@ -19,6 +19,7 @@ resumed at the last finished epoch) are in the layout eval_linear.py reads (`--c
 process on the CPU: the scale of the reproduction."""
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -151,10 +152,11 @@ def main(argv=None):
         common.save_atomic(ckpt, out / f"checkpoint{epoch + 1:04d}.pth")
         common.save_atomic(ckpt, out / "checkpoint.pth")
         with open(out / "log.txt", "a") as f:
-            f.write(f"{record}\n".replace("'", '"'))
+            f.write(json.dumps(record) + "\n")
         print(record, flush=True)
     if args.export:
-        slim = dict(method="supervised", arch=arch, student={k: v.half() for k, v in model.state_dict().items()})
+        slim = dict(method="supervised", role=args.role, arch=arch,
+                    student={k: v.half() for k, v in model.state_dict().items()})
         common.save_atomic(slim, args.export)
         print(f"teacher written to {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB)")
 
