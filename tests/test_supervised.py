@@ -40,7 +40,8 @@ def test_kd_loss_equals_a_hand_computation():
 
 def test_labels_follow_the_subset_the_loader_draws_from():
     dataset = torch.utils.data.Subset(common.FashionMNIST(True, raw=True), [5, 0, 59999, 17])
-    assert supervised.labels_of(dataset).tolist() == [int(common.FashionMNIST(True).targets[i]) for i in (5, 0, 59999, 17)]
+    targets = common.FashionMNIST(True).targets
+    assert supervised.labels_of(dataset).tolist() == [int(targets[i]) for i in (5, 0, 59999, 17)]
 TINY = ["--subset", "256", "--batch_size", "64", "--num_workers", "0"]
 
 
