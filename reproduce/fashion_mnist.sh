@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The paper's claim at Fashion-MNIST scale, on a CPU (README "Reproduction on Fashion-MNIST"): for each method, the
+# The paper's claim at Fashion-MNIST scale, on a CPU (README "Results on Fashion-MNIST"): for each method, the
 # same small student (vit_pico: 64 wide, 6 blocks, patch 7, 0.3 M parameters) trained for the same budget (a
 # 12,800-image subset, batch 128: epochs of 100 steps, EPOCHS per method) (a) by RoB from the shipped teacher
 # assets/fmnist_<method>_vit_nano.pth (reproduce/train_teachers.sh trains them again) and (b) by the plain method
-# from scratch, 3 seeds each; every run evaluated by eval_linear.py on the 10,000 test images (k-NN k 20, the fast
+# from scratch, 5 seeds each (0-4); every run evaluated by eval_linear.py on the 10,000 test images (k-NN k 20, the fast
 # linear probe, MSN's low-shot protocol) and by k-NN at every epoch (reproduce/curve.py), then tabulated
 # (reproduce/table.py) and drawn (reproduce/plot.py). Runs resume if interrupted; finished ones are skipped.
 #   bash reproduce/fashion_mnist.sh [dino ibot msn swav]      RUNS, SEEDS, EPOCHS, JOBS (runs side by side), MODES
@@ -14,7 +14,7 @@
 # again); DINO 300 steps (the plain DINO curve ends its schedule level there: +0.07 over its last 100 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-runs/fashion_mnist}; SEEDS=${SEEDS:-0 1 2}; EPOCHS=${EPOCHS:-"dino=3 ibot=6 msn=12 swav=6"}
+RUNS=${RUNS:-runs/fashion_mnist}; SEEDS=${SEEDS:-0 1 2 3 4}; EPOCHS=${EPOCHS:-"dino=3 ibot=6 msn=12 swav=6"}
 JOBS=${JOBS:-2}; PY=${PYTHON:-python3}
 METHODS=${*:-dino ibot msn swav}; MODES=${MODES:-rob plain}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -1,8 +1,11 @@
-"""The reproduction's table (README "Reproduction on Fashion-MNIST") from the runs' eval_log.txt files: per
-method, the teacher, then the RoB and the plain student as mean ± std over their seeds, and RoB minus plain.
+"""The reproduction's table (README "Results on Fashion-MNIST") from the runs' eval_log.txt files: per method, the
+teacher, then the RoB and the plain student as mean ± std over their seeds; then a verdict per metric (RoB minus
+plain against twice the larger std, k-NN, linear and each low-shot setting) and every seed's score.
+tests/test_results.py checks the README's numbers against the table.md this writes.
     python reproduce/table.py runs/fashion_mnist dino ibot msn swav"""
 import datetime
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -18,14 +21,20 @@ def scores(folder):
     return out
 
 
-def training_time(folder):
-    """The summed epoch times of a run's log.txt (one process), or None."""
+def training_seconds(folder):
+    """The summed epoch times ("H:MM:SS") of a run's log.txt (one process), or None."""
     log = folder / "log.txt"
     if not log.exists():
         return None
-    seconds = sum(sum(int(x) * 60 ** i for i, x in enumerate(reversed(json.loads(line)["time"].split(":"))))
-                  for line in log.read_text().splitlines())
-    return str(datetime.timedelta(seconds=seconds))
+    return sum(sum(int(x) * 60 ** i for i, x in enumerate(reversed(json.loads(line)["time"].split(":"))))
+               for line in log.read_text().splitlines())
+
+
+def seed_runs(runs, method, mode):
+    """The run folders <method>_<mode>_s<seed> that hold an evaluation, in seed order."""
+    found = [(int(m.group(1)), f) for f in runs.glob(f"{method}_{mode}_s*")
+             if (m := re.fullmatch(rf"{method}_{mode}_s(\d+)", f.name)) and (f / "eval_log.txt").exists()]
+    return [f for _, f in sorted(found)]
 
 
 def mean_std(values):
@@ -36,34 +45,40 @@ def main():
     runs, methods = Path(sys.argv[1]), sys.argv[2:] or ["dino", "ibot", "msn", "swav"]
     rows = ["| method | run | seeds | k-NN top-1 (k 20) | linear top-1 | low-shot top-1: 1 / 2 / 5 per class / 1 % "
             "| training time |", "|---|---|---|---|---|---|---|"]
-    verdicts = []
+    verdicts, per_seed_lines = [], []
     for m in methods:
         teacher = scores(runs / f"{m}_teacher")
         low = " / ".join(f"{teacher[k]:.1f}" for k in LOW_SHOT) if "1_percent" in teacher else ""
+        seconds = training_seconds(runs / f"{m}_teacher")
         rows.append(f"| {m} | teacher (vit_nano) | 1 | {teacher['knn']:.1f} | {teacher['linear']:.1f} | {low} "
-                    f"| {training_time(runs / f'{m}_teacher') or ''} |")
-        summary, seeds = {}, {}
+                    f"| {'' if seconds is None else datetime.timedelta(seconds=seconds)} |")
+        summary, seeds, per = {}, {}, {}
         for mode in ("rob", "plain"):
-            folders = sorted(runs.glob(f"{m}_{mode}_s*/eval_log.txt"))
+            folders = seed_runs(runs, m, mode)
             if not folders:
                 continue
-            per_seed, seeds[mode] = [scores(f.parent) for f in folders], len(folders)
+            per[mode] = per_seed = [scores(f) for f in folders]
+            seeds[mode] = len(folders)
             summary[mode] = {k: mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
             cells = [f"{summary[mode][k][0]:.1f} ± {summary[mode][k][1]:.1f}" for k in ("knn", "linear")]
             low = " / ".join(f"{summary[mode][k][0]:.1f} ± {summary[mode][k][1]:.1f}" for k in LOW_SHOT) \
                 if "1_percent" in summary[mode] else ""
-            times = [training_time(f.parent) for f in folders]
+            times = sorted(t for t in map(training_seconds, folders) if t is not None)
+            time = datetime.timedelta(seconds=times[len(times) // 2]) if times else ""  # median of the seeds' logs
             rows.append(f"| {m} | {'RoB' if mode == 'rob' else 'plain'} student (vit_pico) | {seeds[mode]} | "
-                        f"{cells[0]} | {cells[1]} | {low} | {times[0] or ''} |")
+                        f"{cells[0]} | {cells[1]} | {low} | {time} |")
+            per_seed_lines += [f"- {m} {mode} {k}: " + " ".join(f"{s[k]:.2f}" for s in per_seed) for k in per_seed[0]]
         if len(summary) == 2 and min(seeds.values()) < 2:
             verdicts.append(f"- {m}: not decided, a std needs 2 seeds per student or more (RoB {seeds['rob']}, "
                             f"plain {seeds['plain']})")
         elif len(summary) == 2:
-            for k in ("knn", "linear"):
+            for k in [k for k in ("knn", "linear") + LOW_SHOT if k in summary["rob"] and k in summary["plain"]]:
                 (a, sa), (b, sb) = summary["rob"][k], summary["plain"][k]
+                every = min(s[k] for s in per["rob"]) > max(s[k] for s in per["plain"])
                 verdicts.append(f"- {m} {k}: RoB - plain = {a - b:+.2f}, twice the larger std {2 * max(sa, sb):.2f}: "
-                                + ("holds" if a - b > 2 * max(sa, sb) else "does not hold"))
-    print("\n".join(rows + [""] + verdicts))
+                                + ("holds" if a - b > 2 * max(sa, sb) else "does not hold")
+                                + ("; every RoB seed above every plain seed" if every else ""))
+    print("\n".join(rows + [""] + verdicts + ["", "Per seed (in seed order):", ""] + per_seed_lines))
 
 
 if __name__ == "__main__":

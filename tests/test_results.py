@@ -1,0 +1,119 @@
+"""The README's results are the reproduction's: every number and verdict the README and reproduce/README.md state
+about the Fashion-MNIST comparison is checked against reproduce/results/fashion_mnist/table.md (what
+reproduce/table.py wrote in that run), and table.py's arithmetic against a hand computation."""
+import importlib.util
+import json
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+RESULTS = ROOT / "reproduce" / "results" / "fashion_mnist"
+NAMES = {"DINO": "dino", "iBOT": "ibot", "MSN": "msn", "SwAV": "swav"}
+NUMBER = r"[+-]?\d+\.\d+"
+VERDICT = re.compile(rf"^- (\w+) (\w+): RoB - plain = ({NUMBER}), twice the larger std ({NUMBER}): (holds|does not "
+                     r"hold)(; every RoB seed above every plain seed)?$")
+
+
+def table():
+    """(rows {(method, run kind): [cells]}, verdicts {method: [(metric, gain, threshold, holds)]}) of table.md."""
+    rows, verdicts = {}, {}
+    for line in (RESULTS / "table.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 7 and cells[0] in NAMES.values():
+            rows[cells[0], cells[1].split()[0]] = cells
+        elif match := VERDICT.match(line):
+            m, metric, gain, threshold, verdict, _ = match.groups()
+            verdicts.setdefault(m, []).append((metric, gain, threshold, verdict == "holds"))
+    return rows, verdicts
+
+
+def numbers(text):
+    return re.findall(r"\d+\.\d+", text)
+
+
+def section(text, title):
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_results_table_and_verdicts_are_table_md():
+    rows, verdicts = table()
+    results = section((ROOT / "README.md").read_text(), "Results on Fashion-MNIST")
+    seeds = {int(rows[m, kind][2]) for m in NAMES.values() for kind in ("RoB", "plain")}
+    assert len(seeds) == 1 and f"seeds 0-{seeds.pop() - 1}" in results
+    readme_rows = [line for line in results.splitlines() if line.startswith("| ") and line.split(",")[0][2:] in NAMES]
+    assert len(readme_rows) == 4
+    for line in readme_rows:
+        m = NAMES[line.split(",")[0][2:]]
+        expected = [x for kind in ("teacher", "RoB", "plain") for x in numbers(" ".join(rows[m, kind][3:5]))]
+        assert numbers(line.split("|", 2)[2]) == expected, line
+    bullets = {NAMES[b[0]]: b[1] for b in re.findall(r"^- \*\*(\w+)\*\*:(.*(?:\n  .*)*)", results, re.M)}
+    assert set(bullets) == set(NAMES.values())
+    for m, bullet in bullets.items():
+        stated = re.findall(rf"({NUMBER})\s+([>≤])\s+({NUMBER})", bullet)
+        assert [(g, t, rel == ">") for g, rel, t in stated] == [v[1:] for v in verdicts[m]], (m, bullet)
+    if "for all four methods" in results.split("\n- ")[0]:  # the headline, if it claims all four
+        assert all(holds for m in verdicts for metric, _, _, holds in verdicts[m] if metric in ("knn", "linear"))
+
+
+def test_reproduce_readme_copies_table_md():
+    rows, verdicts = table()
+    text = (ROOT / "reproduce" / "README.md").read_text()
+    table_lines = (RESULTS / "table.md").read_text().splitlines()
+    assert [line for line in text.splitlines() if VERDICT.match(line)] == \
+        [line for line in table_lines if VERDICT.match(line)] != []
+    copied = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 7 and cells[0] in NAMES.values():
+            copied[cells[0], cells[1].split()[0]] = cells
+    assert copied.keys() == rows.keys()
+    for key, cells in rows.items():  # seeds and scores; the training times of the teachers are written in by hand
+        assert copied[key][2:6] == cells[2:6], key
+
+
+def test_table_md_is_what_table_py_makes_of_the_shipped_scores(tmp_path):
+    """table.md against the per-run scores shipped beside it (reproduce/results/fashion_mnist/*_eval.json)."""
+    for path in RESULTS.glob("*_eval.json"):
+        if re.fullmatch(r"\w+_((rob|plain)_s\d+|teacher)_eval\.json", path.name):
+            (tmp_path / path.name[:-len("_eval.json")]).mkdir()
+            (tmp_path / path.name[:-len("_eval.json")] / "eval_log.txt").write_text(path.read_text())
+    out = subprocess.run([sys.executable, ROOT / "reproduce" / "table.py", tmp_path], capture_output=True, text=True,
+                         check=True).stdout
+    without_times = [re.sub(r"\| [^|]* \|$", "|", line) for line in out.splitlines()]  # (no logs shipped)
+    shipped = [re.sub(r"\| [^|]* \|$", "|", line) for line in (RESULTS / "table.md").read_text().splitlines()]
+    assert without_times == shipped
+
+
+def test_table_py_verdicts_equal_a_hand_computation(tmp_path):
+    spec = importlib.util.spec_from_file_location("table", ROOT / "reproduce" / "table.py")
+    table_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table_py)
+    knn = {"rob": [78.0, 79.0, 80.5], "plain": [77.0, 78.5, 76.0]}
+    linear = {"rob": [80.0, 80.2, 80.1], "plain": [78.0, 78.1, 78.2]}
+    low = {"rob": [40.0, 41.0, 45.0], "plain": [39.0, 30.0, 35.0]}
+    for mode in knn:
+        for seed, (k, li, lo) in enumerate(zip(knn[mode], linear[mode], low[mode])):
+            (tmp_path / f"msn_{mode}_s{seed}").mkdir()
+            result = {"knn": {"20": {"top1": k}}, "linear": {"top1": li},
+                      "low_shot": {s: {"mean": lo} for s in table_py.LOW_SHOT}}
+            (tmp_path / f"msn_{mode}_s{seed}" / "eval_log.txt").write_text(json.dumps(result) + "\n")
+    (tmp_path / "msn_teacher").mkdir()
+    (tmp_path / "msn_teacher" / "eval_log.txt").write_text(json.dumps({"knn": {"20": {"top1": 90.0}},
+                                                                      "linear": {"top1": 91.0}}) + "\n")
+    out = subprocess.run([sys.executable, ROOT / "reproduce" / "table.py", tmp_path, "msn"], capture_output=True,
+                         text=True, check=True).stdout
+    gain = statistics.mean(knn["rob"]) - statistics.mean(knn["plain"])  # 79.1667 - 77.1667 = +2.00
+    threshold = 2 * max(statistics.stdev(knn["rob"]), statistics.stdev(knn["plain"]))  # 2 * 1.2583 = 2.52
+    assert f"- msn knn: RoB - plain = {gain:+.2f}, twice the larger std {threshold:.2f}: does not hold\n" in out
+    assert "- msn linear: RoB - plain = +2.00, twice the larger std 0.20: holds; every RoB seed above every plain " \
+           "seed\n" in out  # (80.1 - 78.1, 2 * 0.1; 80.0 > 78.2)
+    gain = statistics.mean(low["rob"]) - statistics.mean(low["plain"])  # 42 - 34.67 = +7.33
+    threshold = 2 * max(statistics.stdev(low["rob"]), statistics.stdev(low["plain"]))  # 2 * 4.51 = 9.02
+    assert f"- msn 1_per_class: RoB - plain = {gain:+.2f}, twice the larger std {threshold:.2f}: does not hold; " \
+           "every RoB seed above every plain seed\n" in out  # (40 > 39: above, yet within the spread)
+    assert "- msn rob knn: 78.00 79.00 80.50" in out and "- msn plain 1_per_class: 39.00 30.00 35.00" in out
