@@ -553,15 +553,23 @@ RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp
 
 def resume(run, data, output_dir):
     """Continue from output_dir/checkpoint.pth if there is one, else (it was lost) from the newest checkpointNNNN.pth;
-    a folder with a log.txt and neither is refused, never trained over. Refused, with the differences, if another
-    script wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), data, global batch or steps per epoch.
-    A longer --epochs is allowed: the schedules are those of the new length. log.txt keeps the epochs before it."""
+    a folder with neither whose log.txt goes past the first epoch is refused, never trained over (the first epoch's
+    line alone: the run was killed before its first checkpoint, and starts again). Refused, with the differences, if
+    another script wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), data, global batch or steps
+    per epoch. A longer --epochs is allowed: the schedules are those of the new length. log.txt keeps the epochs
+    before it."""
     args, numbered = run.args, sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
     path = next((p for p in [output_dir / "checkpoint.pth", *numbered] if p.is_file()), None)
     if path is None:
-        if (output_dir / "log.txt").exists():
+        try:
+            lines = (output_dir / "log.txt").read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if any(json.loads(line)["epoch"] > 0 for line in lines if line.endswith("}")):
             raise common.UserError(f"{output_dir} holds a run's log.txt but no checkpoint.pth to resume it from: "
                                    "restore it, or use another --output_dir")
+        if lines and common.get_rank() == 0:  # killed between the first epoch's log line and its checkpoint
+            (output_dir / "log.txt").unlink()
         return
     if path.name != "checkpoint.pth":
         common.log(f"{output_dir / 'checkpoint.pth'} is missing: resuming from {path.name}, the newest numbered one")

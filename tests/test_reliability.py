@@ -410,6 +410,18 @@ def test_a_lost_checkpoint_resumes_from_the_newest_numbered_one_and_keeps_the_hi
     assert (tmp_path / "log.txt").read_text().splitlines() == lines and not (tmp_path / "checkpoint.pth").exists()
 
 
+def test_a_run_killed_between_its_first_log_line_and_first_checkpoint_starts_again(tmp_path, small_folder):
+    """The first epoch's log line is written just before its checkpoint: a kill between them leaves log.txt alone."""
+    args = flags("rob_dino", "rob", small_folder, tmp_path, ["--epochs", "1", "--saveckp_freq", "0"])
+    assert in_process("rob_dino", args) == 0
+    final, line = weights(tmp_path), (tmp_path / "log.txt").read_text()
+    (tmp_path / "checkpoint.pth").unlink()  # as if killed right after writing the first epoch's log line
+    assert in_process("rob_dino", args) == 0
+    assert all(torch.equal(tensor, final[name]) for name, tensor in weights(tmp_path).items())
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.txt").read_text().splitlines()] == [0]
+    assert len(line.splitlines()) == 1
+
+
 def test_a_full_disk_at_start_up_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     import eval_linear
 
