@@ -20,7 +20,6 @@ process on the CPU: the scale of the reproduction."""
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from rob_dino import cosine_schedule, param_groups  # noqa: E402  (RoB-DINO's schedules and weight-decay groups)
 
 
 def parse_args(argv=None):
@@ -78,13 +78,6 @@ def load_teacher(path):
     return common.freeze(model.eval())
 
 
-def cosine(base, final, total, warmup=0):
-    """Per-step values: a linear ramp from 0 over `warmup` steps, then cosine from base to final."""
-    ramp = [base * i / warmup for i in range(warmup)]
-    rest = total - warmup
-    return ramp + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / rest)) for i in range(rest)]
-
-
 def loss_fn(logits, labels, teacher_logits=None):
     """Crop-major logits [n_crops * B, classes], labels [B]. Teacher: cross-entropy with label smoothing 0.1. Student
     (teacher_logits of the two global crops, [2 * B, classes]): half cross-entropy with the labels, half with the
@@ -111,11 +104,9 @@ def main(argv=None):
     model, arch = network("vit_pico" if args.role == "student" else "vit_nano")
     teacher = load_teacher(args.teacher) if args.role == "student" else None
     steps_per_epoch, device = len(data.loader), torch.device("cpu")
-    total = args.epochs * steps_per_epoch
-    lrs = cosine(2e-3 * args.batch_size / 256, 1e-5, total, warmup=steps_per_epoch)
-    wds = cosine(0.04, 0.4, total)
-    optimizer = torch.optim.AdamW([dict(params=[p for p in model.parameters() if p.ndim > 1]),
-                                   dict(params=[p for p in model.parameters() if p.ndim <= 1], weight_decay=0.0)])
+    lrs = cosine_schedule(2e-3 * args.batch_size / 256, 1e-5, args.epochs, steps_per_epoch, warmup_epochs=1)
+    wds = cosine_schedule(0.04, 0.4, args.epochs, steps_per_epoch)
+    optimizer = torch.optim.AdamW(param_groups(model))
     start = 0
     if (out / "checkpoint.pth").exists():  # resume at the last finished epoch: the data order is keyed by epoch
         ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
