@@ -19,17 +19,24 @@ VERDICT = re.compile(rf"^- (\w+) (\w+): RoB - plain = ({NUMBER}), twice the larg
                      r"hold)(; every RoB seed above every plain seed)?$")
 
 
-def table():
-    """(rows {(method, run kind): [cells]}, verdicts {method: [(metric, gain, threshold, holds)]}) of table.md."""
-    rows, verdicts = {}, {}
-    for line in (RESULTS / "table.md").read_text().splitlines():
+def table_rows(text):
+    """{(method, run kind): [cells]} of the rows of the reproduction's table in a text."""
+    rows = {}
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if line.startswith("| ") and len(cells) == 7 and cells[0] in NAMES.values():
             rows[cells[0], cells[1].split()[0]] = cells
-        elif match := VERDICT.match(line):
+    return rows
+
+
+def table():
+    """(rows {(method, run kind): [cells]}, verdicts {method: [(metric, gain, threshold, holds)]}) of table.md."""
+    text, verdicts = (RESULTS / "table.md").read_text(), {}
+    for line in text.splitlines():
+        if match := VERDICT.match(line):
             m, metric, gain, threshold, verdict, _ = match.groups()
             verdicts.setdefault(m, []).append((metric, gain, threshold, verdict == "holds"))
-    return rows, verdicts
+    return table_rows(text), verdicts
 
 
 def numbers(text):
@@ -66,11 +73,7 @@ def test_reproduce_readme_copies_table_md():
     table_lines = (RESULTS / "table.md").read_text().splitlines()
     assert [line for line in text.splitlines() if VERDICT.match(line)] == \
         [line for line in table_lines if VERDICT.match(line)] != []
-    copied = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 7 and cells[0] in NAMES.values():
-            copied[cells[0], cells[1].split()[0]] = cells
+    copied = table_rows(text)
     assert copied.keys() == rows.keys()
     for key, cells in rows.items():  # seeds and scores; the training times of the teachers are written in by hand
         assert copied[key][2:6] == cells[2:6], key
