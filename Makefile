@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install test test-slow demo teachers reproduce gpu-check
+.PHONY: install test test-slow demo teachers reproduce transfer gpu-check
 
 install:  ## the pinned requirements (+ Debian's Fashion-MNIST when it is missing and apt is there)
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -26,6 +26,10 @@ teachers:  ## train the four Fashion-MNIST teachers again into assets/ (hours on
 
 reproduce:  ## the README's Fashion-MNIST table and curves, all four methods, from the teachers in assets/
 	bash reproduce/fashion_mnist.sh
+
+transfer:  ## RoB and plain students vs supervised distillation, on Fashion-MNIST and three transfer tasks (hours on a CPU)
+	$(PYTHON) -m pip install -q scikit-image==0.26.0  # the photos task's photographs, not a dependency of the trainers
+	bash reproduce/transfer.sh
 
 gpu-check:  ## the README's GPU tables (one GPU, about 6 minutes)
 	bash benchmarks/gpu_check.sh bench_out

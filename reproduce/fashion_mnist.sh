@@ -7,7 +7,8 @@
 # linear probe, MSN's low-shot protocol) and by k-NN at every epoch (reproduce/curve.py), then tabulated
 # (reproduce/table.py) and drawn (reproduce/plot.py). Runs resume if interrupted; finished ones are skipped.
 #   bash reproduce/fashion_mnist.sh [dino ibot msn swav]      RUNS, SEEDS, EPOCHS, JOBS (runs side by side), MODES
-# (default "rob plain"; MODES=plain trains the baselines alone, e.g. while the teachers are still training).
+# (default "rob plain"; MODES=plain trains the baselines alone, e.g. while the teachers are still training); TABLE=0:
+# the runs and their scores alone, no curves, table or figure (what reproduce/transfer.sh needs).
 # EPOCHS: one number for all methods or method=epochs pairs. Default: iBOT and SwAV 600 steps (the plain iBOT
 # student's k-NN curve levels off there, between 300 and 400 it still rises; plain SwAV still rose at 300); MSN 1200
 # steps (plain MSN's level stretch at 600 steps was its schedule's end: run to 1200 it rises +2.1 k-NN and levels off
@@ -60,14 +61,15 @@ student() {  # $1 method, $2 rob|plain, $3 seed
   $PY rob_$m.py $STUDENT --epochs $e ${HEAD[$m]} $branch --seed $seed --output_dir $out > $out.log 2>&1 \
     || { echo "[reproduce] $out failed: see $out.log"; return 1; }
   evaluate $out/checkpoint.pth $out $m --checkpoint_key student
-  $PY reproduce/curve.py $out > /dev/null
+  [ "${TABLE:-1}" = 0 ] || $PY reproduce/curve.py $out > /dev/null
   echo "[reproduce] $out: $($PY -c "import json, sys; r = json.loads(open(sys.argv[1]).readlines()[-1])
 print('k-NN', r['knn']['20']['top1'], 'linear', r['linear']['top1'])" $out/eval_log.txt)"
 }
 
 teacher() {  # $1 method: the shipped teacher's scores and its line on the figure
   mkdir -p $RUNS/$1_teacher && evaluate assets/fmnist_$1_vit_nano.pth $RUNS/$1_teacher $1
-  $PY reproduce/curve.py $RUNS/$1_teacher --teacher assets/fmnist_$1_vit_nano.pth > /dev/null 2>&1 || true
+  [ "${TABLE:-1}" = 0 ] || $PY reproduce/curve.py $RUNS/$1_teacher --teacher assets/fmnist_$1_vit_nano.pth \
+    > /dev/null 2>&1 || true
 }
 
 if [[ " $MODES " == *" rob "* ]]; then
@@ -85,7 +87,7 @@ for seed in $SEEDS; do
   done
 done
 wait
-[ "$MODES" = "rob plain" ] || exit 0  # the table and the figure need both
+[ "$MODES" = "rob plain" ] && [ "${TABLE:-1}" = 1 ] || exit 0  # both modes needed
 $PY reproduce/table.py $RUNS $METHODS | tee $RUNS/table.md
 OUT=reproduce/results/fashion_mnist; mkdir -p $OUT  # what the README shows: the table, every run's scores, curves
 cp $RUNS/table.md $OUT/
