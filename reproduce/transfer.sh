@@ -42,14 +42,15 @@ kd_student() {  # $1 seed: train (or finish) the supervised-KD student, then sco
 }
 
 wait_for_a_slot() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; }
-for seed in $SEEDS; do wait_for_a_slot; kd_student $seed & done
-for m in $METHODS supervised; do wait_for_a_slot; score assets/fmnist_${m}_vit_nano.pth ${m}_teacher & done
+for m in $METHODS; do wait_for_a_slot; score assets/fmnist_${m}_vit_nano.pth ${m}_teacher & done
 for seed in $SEEDS; do
   for m in $METHODS; do
     for mode in rob plain; do wait_for_a_slot; score $RUNS/${m}_${mode}_s$seed/checkpoint.pth ${m}_${mode}_s$seed \
       --checkpoint_key student & done
   done
 done
+wait_for_a_slot; score assets/fmnist_supervised_vit_nano.pth supervised_teacher &
+for seed in $SEEDS; do wait_for_a_slot; kd_student $seed & done
 wait
 OUT=reproduce/results/transfer; rm -rf $OUT/runs  # what is shipped: every score's line and the students' logs
 names="$(for m in $METHODS supervised; do echo ${m}_teacher; done) $(for s in $SEEDS; do for m in $METHODS; do
