@@ -120,3 +120,53 @@ def test_table_py_verdicts_equal_a_hand_computation(tmp_path):
     assert f"- msn 1_per_class: RoB - plain = {gain:+.2f}, twice the larger std {threshold:.2f}: does not hold; " \
            "every RoB seed above every plain seed\n" in out  # (40 > 39: above, yet within the spread)
     assert "- msn rob knn: 78.00 79.00 80.50" in out and "- msn plain 1_per_class: 39.00 30.00 35.00" in out
+
+
+TRANSFER = ROOT / "reproduce" / "results" / "transfer"
+
+
+def write_scores(runs, name, fmnist, tasks, seconds=None):
+    """A run folder as reproduce/transfer.sh leaves it: fmnist (k-NN, linear); tasks {task: (linear, k-NN)}."""
+    (runs / name).mkdir(parents=True)
+    (runs / name / "eval_log.txt").write_text(json.dumps({"knn": {"20": {"top1": fmnist[0]}},
+                                                          "linear": {"top1": fmnist[1]}}) + "\n")
+    if seconds is not None:
+        (runs / name / "log.txt").write_text(json.dumps({"epoch": 0, "time": f"0:00:{seconds:02d}"}) + "\n")
+    for task, (linear, knn) in tasks.items():
+        (runs / "transfer" / name / task).mkdir(parents=True)
+        (runs / "transfer" / name / task / "eval_log.txt").write_text(
+            json.dumps({"knn": {"20": {"top1": knn}}, "linear": {"top1": linear}}) + "\n")
+
+
+def test_transfer_table_rows_and_verdicts_equal_a_hand_computation(tmp_path):
+    """The best RoB arm is the one with the highest Fashion-MNIST linear mean (here msn, though dino has the higher
+    k-NN); each verdict is its mean minus supervised KD's against twice the larger std."""
+    count = {"msn_rob": [60.0, 62.0, 61.0], "dino_rob": [70.0, 71.0, 72.0], "supervised_kd": [55.0, 56.0, 57.5]}
+    photos = {"msn_rob": [50.0, 50.5, 51.0], "dino_rob": [40.0, 41.0, 42.0], "supervised_kd": [52.0, 50.0, 51.0]}
+    fmnist_linear = {"msn_rob": 80.0, "dino_rob": 79.0, "supervised_kd": 85.0}
+    for arm in count:
+        for seed in range(3):
+            write_scores(tmp_path, f"{arm}_s{seed + 2}", (90.0 if arm == "dino_rob" else 70.0,
+                                                          fmnist_linear[arm] + seed / 10),
+                         {"count": (count[arm][seed], 1.0), "distance": (30.0, 2.0), "photos": (photos[arm][seed], 3.0)},
+                         seconds=10 + seed)
+    write_scores(tmp_path / "half", "msn_rob_s5", (0.0, 0.0), {"count": (0.0, 0.0)})  # a seed without every score
+    for path in (tmp_path / "half").rglob("eval_log.txt"):
+        target = tmp_path / path.relative_to(tmp_path / "half")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    write_scores(tmp_path, "msn_teacher", (85.0, 86.0), {t: (99.0, 98.0) for t in ("count", "distance", "photos")})
+    out = subprocess.run([sys.executable, ROOT / "reproduce" / "transfer_table.py", tmp_path, "dino", "msn"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Best RoB student (highest Fashion-MNIST linear mean): msn_rob\n" in out
+    gain = statistics.mean(count["msn_rob"]) - statistics.mean(count["supervised_kd"])  # 61 - 56.17 = +4.83
+    threshold = 2 * max(statistics.stdev(count["msn_rob"]), statistics.stdev(count["supervised_kd"]))  # 2 * 1.26
+    assert f"- count_linear: msn_rob - supervised_kd = {gain:+.2f}, twice the larger std {threshold:.2f}: beats " \
+           "supervised KD\n" in out
+    assert "- photos_linear: msn_rob - supervised_kd = -0.50, twice the larger std 2.00: on par with supervised KD\n" \
+        in out  # (50.5 - 51, 2 * 1.0)
+    assert "- fmnist_linear: msn_rob - supervised_kd = -5.00, twice the larger std 0.20: trails supervised KD\n" in out
+    assert "| RoB msn student (vit_pico) | 2, 3, 4 | 70.0 ± 0.0 | 80.1 ± 0.1 | 61.0 ± 1.0 | 30.0 ± 0.0 | 50.5 ± 0.5 | " \
+           "1.0 ± 0.0 | 2.0 ± 0.0 | 3.0 ± 0.0 | 0:00:11 |" in out  # seed 5 lacks scores: left out
+    assert "| msn teacher (vit_nano) | 1 | 85.0 | 86.0 | 99.0 | 99.0 | 99.0 | 98.0 | 98.0 | 98.0 |  |" in out
+    assert "- supervised_kd count_linear: 55.00 56.00 57.50" in out
