@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The paper's other comparisons at Fashion-MNIST scale (README "Against supervised distillation, and on transfer"):
 # the students of fashion_mnist.sh (RoB and plain per method) and a supervised-KD student (reproduce/supervised.py:
-# vit_pico distilled with labels from assets/fmnist_supervised_vit_nano.pth for 600 steps, the iBOT and SwAV
-# students' budget, same subset, batch, crops and augmentation), SEEDS each, and the five teachers, scored on
+# vit_pico distilled with labels from assets/fmnist_supervised_vit_nano.pth for 1200 steps, the RoB-MSN students'
+# budget and the longest of the four, so that no RoB student has more; the same subset, batch, crops and augmentation
+# as the RoB students), SEEDS each, and the five teachers, scored on
 # Fashion-MNIST (k-NN k 20 and linear, as fashion_mnist.sh scores them) and on the three transfer tasks of
 # reproduce/transfer_tasks.py (k-NN k 20 and the fast linear probe, eval_linear.py's defaults otherwise: the protocol
 # fixed with the tasks), then tabulated with the verdicts by reproduce/transfer_table.py.
@@ -36,7 +37,7 @@ score() {  # $1 checkpoint, $2 run name, then eval_linear flags: Fashion-MNIST i
 
 kd_student() {  # $1 seed: train (or finish) the supervised-KD student, then score it
   local out=$RUNS/supervised_kd_s$1
-  $PY reproduce/supervised.py student --teacher assets/fmnist_supervised_vit_nano.pth --epochs 6 --seed $1 \
+  $PY reproduce/supervised.py student --teacher assets/fmnist_supervised_vit_nano.pth --epochs 12 --seed $1 \
     --output_dir $out > $out.log 2>&1 || { echo "[transfer] $out failed: see $out.log"; return 1; }
   score $out/checkpoint.pth supervised_kd_s$1 --checkpoint_key student
 }
