@@ -35,7 +35,7 @@ declare -A PLAIN=(
   [swav]="--teacher self --feat_dim 128 --nmb_prototypes 1000 --epsilon 0.03")
 # Plain SwAV at its default epsilon 0.05 collapses at this scale (loss stuck at ln 1000, every seed: README); the
 # official SwAV README's first remedy for exactly that is --epsilon 0.03, which is also the RoB arm's value.
-mkdir -p $RUNS
+mkdir -p $RUNS; failed=0
 
 epochs_of() {  # $1 method -> its number of epochs from EPOCHS ("n" or "method=n ...")
   local v=3 pair
@@ -74,19 +74,20 @@ teacher() {  # $1 method: the shipped teacher's scores and its line on the figur
 
 if [[ " $MODES " == *" rob "* ]]; then
   for m in $METHODS; do
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done
     teacher $m &
   done
 fi
 for seed in $SEEDS; do
   for m in $METHODS; do
     for mode in $MODES; do
-      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done
       student $m $mode $seed &
     done
   done
 done
-wait
+for job in $(jobs -p); do wait $job || failed=1; done
+[ $failed = 0 ] || { echo "[reproduce] a run failed (see above): nothing tabulated"; exit 1; }
 [ "$MODES" = "rob plain" ] && [ "${TABLE:-1}" = 1 ] || exit 0  # both modes needed
 $PY reproduce/table.py $RUNS $METHODS | tee $RUNS/table.md
 OUT=reproduce/results/fashion_mnist; mkdir -p $OUT  # what the README shows: the table, every run's scores, curves

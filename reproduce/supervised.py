@@ -46,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--export", help="teacher: write the finished teacher's backbone and classifier here (fp16)")
     args = p.parse_args(argv)
-    if args.role == "student" and not args.teacher:
-        p.error("student needs --teacher")
+    if args.role == "student" and (not args.teacher or args.export):
+        p.error("student needs --teacher (and --export is for the teacher)")
     if args.epochs < 2 or args.batch_size < 1 or (args.subset or 0) < 0 or args.num_workers < 0:
         p.error("--epochs must be 2 or more (one is the warm-up), --batch_size positive, --subset and --num_workers "
                 "not negative")

@@ -22,7 +22,7 @@ def all_scores(runs, folder):
     while any score is missing."""
     name, out = folder.name, {}
     paths = [folder / "eval_log.txt"] + [runs / "transfer" / name / t / "eval_log.txt" for t in TASKS]
-    if not all(p.exists() for p in paths):
+    if not all(p.exists() and p.stat().st_size for p in paths):
         return None
     out["fmnist_knn"], out["fmnist_linear"] = scores(folder)["knn"], scores(folder)["linear"]
     for t in TASKS:
@@ -36,7 +36,7 @@ def main():
     head = ("| arm | seeds | F-MNIST k-NN | F-MNIST linear | " + " | ".join(f"{t} linear" for t in TASKS) + " | "
             + " | ".join(f"{t} k-NN" for t in TASKS) + " | training time |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    arms, per_seed_lines = {}, []
+    arms, seeds, per_seed_lines = {}, {}, []
     for name in [f"{m}_teacher" for m in methods] + ["supervised_teacher"]:
         s = all_scores(runs, runs / name)
         if s is not None:
@@ -48,7 +48,7 @@ def main():
         folders = [f for f in seed_runs(runs, method, mode) if all_scores(runs, f) is not None]
         if not folders:
             continue
-        per_seed = [all_scores(runs, f) for f in folders]
+        per_seed, seeds[name] = [all_scores(runs, f) for f in folders], folders
         arms[name] = summary = {c: mean_std([s[c] for s in per_seed]) for c in COLUMNS}
         times = sorted(t for t in map(training_seconds, folders) if t is not None)
         time = datetime.timedelta(seconds=times[len(times) // 2]) if times else ""  # median of the seeds' logs
@@ -56,12 +56,15 @@ def main():
         rows.append(f"| {label} student (vit_pico) | {', '.join(f.name.rsplit('_s', 1)[1] for f in folders)} | "
                     + " | ".join(f"{summary[c][0]:.1f} ± {summary[c][1]:.1f}" for c in COLUMNS) + f" | {time} |")
         per_seed_lines += [f"- {name} {c}: " + " ".join(f"{s[c]:.2f}" for s in per_seed) for c in COLUMNS]
-    verdicts = []
+    verdicts, columns = [], COLUMNS
     rob = [a for a in arms if a.endswith("_rob")]
     if rob and "supervised_kd" in arms:
         best = max(rob, key=lambda a: arms[a]["fmnist_linear"][0])
         verdicts.append(f"Best RoB student (highest Fashion-MNIST linear mean): {best}")
-        for c in COLUMNS:
+        if min(len(seeds[best]), len(seeds["supervised_kd"])) < 2:
+            verdicts.append("- not decided: a std needs 2 seeds per student or more")
+            columns = []
+        for c in columns:
             (a, sa), (b, sb) = arms[best][c], arms["supervised_kd"][c]
             threshold = 2 * max(sa, sb)
             word = "beats" if a - b > threshold else "trails" if a - b < -threshold else "on par with"

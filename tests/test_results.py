@@ -4,6 +4,7 @@ reproduce/table.py wrote in that run), and table.py's arithmetic against a hand 
 import importlib.util
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -170,3 +171,8 @@ def test_transfer_table_rows_and_verdicts_equal_a_hand_computation(tmp_path):
            "1.0 ± 0.0 | 2.0 ± 0.0 | 3.0 ± 0.0 | 0:00:11 |" in out  # seed 5 lacks scores: left out
     assert "| msn teacher (vit_nano) | 1 | 85.0 | 86.0 | 99.0 | 99.0 | 99.0 | 98.0 | 98.0 | 98.0 |  |" in out
     assert "- supervised_kd count_linear: 55.00 56.00 57.50" in out
+    for path in list(tmp_path.glob("supervised_kd_s[34]")) + list(tmp_path.glob("transfer/supervised_kd_s[34]")):
+        shutil.rmtree(path)  # one KD seed left: no std, no verdict
+    out = subprocess.run([sys.executable, ROOT / "reproduce" / "transfer_table.py", tmp_path, "dino", "msn"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "- not decided: a std needs 2 seeds per student or more\n" in out and "supervised KD\n" not in out
