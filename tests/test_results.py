@@ -176,3 +176,9 @@ def test_transfer_table_rows_and_verdicts_equal_a_hand_computation(tmp_path):
     out = subprocess.run([sys.executable, ROOT / "reproduce" / "transfer_table.py", tmp_path, "dino", "msn"],
                          capture_output=True, text=True, check=True).stdout
     assert "- not decided: a std needs 2 seeds per student or more\n" in out and "supervised KD\n" not in out
+
+
+def test_transfer_table_md_is_what_transfer_table_py_makes_of_the_shipped_scores():
+    out = subprocess.run([sys.executable, ROOT / "reproduce" / "transfer_table.py", TRANSFER / "scores"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == (TRANSFER / "table.md").read_text()
