@@ -182,3 +182,25 @@ def test_transfer_table_md_is_what_transfer_table_py_makes_of_the_shipped_scores
     out = subprocess.run([sys.executable, ROOT / "reproduce" / "transfer_table.py", TRANSFER / "scores"],
                          capture_output=True, text=True, check=True).stdout
     assert out == (TRANSFER / "table.md").read_text()
+
+
+def test_readme_transfer_rows_and_gains_are_transfer_table_md():
+    """README's supervised-distillation paragraph: its rows are table.md's linear cells (Fashion-MNIST, count,
+    distance, photos), its RoB row is table.md's best RoB student, and each signed gain it quotes is a verdict's."""
+    text = (TRANSFER / "table.md").read_text()
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+             if line.startswith("| ")}
+    best = re.search(r"^Best RoB student \(highest Fashion-MNIST linear mean\): (\w+)_rob$", text, re.M).group(1)
+    gains = {f"{float(g):+.1f}" for g in re.findall(rf"= ({NUMBER}), twice the larger std", text)}
+    results = section((ROOT / "README.md").read_text(), "Results on Fashion-MNIST")
+    paragraph = results.split("**Against supervised distillation", 1)[1].split("\n\n`make reproduce`", 1)[0]
+    readme_rows = {line.split("|")[1].strip(): numbers(line.split("|", 2)[2]) for line in paragraph.splitlines()
+                   if line.startswith("| ") and not line.startswith("| student")}
+    names = {f"RoB-{k}": f"RoB {v} student (vit_pico)" for k, v in NAMES.items()} | {
+        f"plain {k}": f"plain {v} student (vit_pico)" for k, v in NAMES.items()} | {
+        "supervised KD": "supervised KD student (vit_pico)"}
+    assert f"RoB-{dict(map(reversed, NAMES.items()))[best]}" in readme_rows and "supervised KD" in readme_rows
+    for label, found in readme_rows.items():
+        assert found == numbers(" ".join(cells[names[label]][3:7])), label
+    quoted = re.findall(r"(?<![\d.])[+-]\d+\.\d\b", paragraph.split("|---", 1)[1])
+    assert quoted and set(quoted) <= gains, (quoted, gains)
