@@ -204,3 +204,12 @@ def test_readme_transfer_rows_and_gains_are_transfer_table_md():
         assert found == numbers(" ".join(cells[names[label]][3:7])), label
     quoted = re.findall(r"(?<![\d.])[+-]\d+\.\d\b", paragraph.split("|---", 1)[1])
     assert quoted and set(quoted) <= gains, (quoted, gains)
+
+
+def test_reproduce_readme_copies_transfer_table_md():
+    table_md = (TRANSFER / "table.md").read_text().split("\n\n")[0]
+    text = section((ROOT / "reproduce" / "README.md").read_text(), "Against supervised distillation, on transfer tasks")
+    assert table_md in text
+    for line in (TRANSFER / "table.md").read_text().splitlines():
+        if match := re.match(rf"^- (\w+): msn_rob - supervised_kd = ({NUMBER}), twice the larger std ({NUMBER})", line):
+            assert re.search(rf"{re.escape(match.group(2))}\W[^.]*{match.group(3)}", text), match.group(1)
