@@ -19,12 +19,16 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 [ -d $TASKS/photos/val ] || $PY reproduce/transfer_tasks.py $TASKS
 RUNS=$RUNS SEEDS=$SEEDS JOBS=$JOBS MODES="rob plain" TABLE=0 bash reproduce/fashion_mnist.sh $METHODS  # the students
 
-score() {  # $1 checkpoint, $2 run name, then eval_linear flags: Fashion-MNIST into RUNS/name, each task under transfer/
-  local out=$RUNS/$2
+fmnist() {  # $1 checkpoint, $2 run name, then flags: the supervised arm's Fashion-MNIST scores, as fashion_mnist.sh
+  local out=$RUNS/$2   # scores the teachers and students it trains (those are not redone here)
   mkdir -p $out
   [ $out/eval_log.txt -nt $1 ] || $PY eval_linear.py --checkpoint $1 "${@:3}" --data_path fashion-mnist --img_size 28 \
     --knn --nb_knn 20 --linear --epochs 20 --batch_size_per_gpu 500 --num_workers 1 --output_dir $out \
     > $out.eval.log 2>&1 || { echo "[transfer] $out failed: see $out.eval.log"; return 1; }
+}
+
+score() {  # $1 checkpoint, $2 run name, then eval_linear flags: each task into RUNS/transfer/<name>/<task>
+  local task out
   for task in count distance photos; do
     out=$RUNS/transfer/$2/$task
     mkdir -p $out
@@ -39,7 +43,8 @@ kd_student() {  # $1 seed: train (or finish) the supervised-KD student, then sco
   local out=$RUNS/supervised_kd_s$1
   $PY reproduce/supervised.py student --teacher assets/fmnist_supervised_vit_nano.pth --epochs 12 --seed $1 \
     --output_dir $out >> $out.log 2>&1 || { echo "[transfer] $out failed: see $out.log"; return 1; }
-  score $out/checkpoint.pth supervised_kd_s$1 --checkpoint_key student
+  fmnist $out/checkpoint.pth supervised_kd_s$1 --checkpoint_key student && \
+    score $out/checkpoint.pth supervised_kd_s$1 --checkpoint_key student
 }
 
 wait_for_a_slot() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done; }
@@ -52,7 +57,9 @@ for seed in $SEEDS; do
     done
   done
 done
-wait_for_a_slot; score assets/fmnist_supervised_vit_nano.pth supervised_teacher &
+wait_for_a_slot
+{ fmnist assets/fmnist_supervised_vit_nano.pth supervised_teacher && score assets/fmnist_supervised_vit_nano.pth \
+  supervised_teacher; } &
 for seed in $SEEDS; do wait_for_a_slot; kd_student $seed & done
 for job in $(jobs -p); do wait $job || failed=1; done
 [ $failed = 0 ] || { echo "[transfer] a run failed (see above): the shipped results are left as they were"; exit 1; }
