@@ -20,11 +20,12 @@ COLUMNS = ["fmnist_knn", "fmnist_linear"] + [f"{t}_linear" for t in TASKS] + [f"
 def all_scores(runs, folder):
     """{column: top-1} of a run folder (Fashion-MNIST: its eval_log.txt; tasks: RUNS/transfer/<name>/<task>), or None
     while any score is missing."""
-    name, out = folder.name, {}
+    name = folder.name
     paths = [folder / "eval_log.txt"] + [runs / "transfer" / name / t / "eval_log.txt" for t in TASKS]
     if not all(p.exists() and p.stat().st_size for p in paths):
         return None
-    out["fmnist_knn"], out["fmnist_linear"] = scores(folder)["knn"], scores(folder)["linear"]
+    fmnist = scores(folder)
+    out = {"fmnist_knn": fmnist["knn"], "fmnist_linear": fmnist["linear"]}
     for t in TASKS:
         r = json.loads((runs / "transfer" / name / t / "eval_log.txt").read_text().splitlines()[-1])
         out[f"{t}_linear"], out[f"{t}_knn"] = r["linear"]["top1"], r["knn"]["20"]["top1"]
@@ -45,10 +46,11 @@ def main():
                         + f" | {'' if seconds is None else datetime.timedelta(seconds=seconds)} |")
     for name in [f"{m}_{mode}" for m in methods for mode in ("rob", "plain")] + ["supervised_kd"]:
         method, mode = name.split("_")
-        folders = [f for f in seed_runs(runs, method, mode) if all_scores(runs, f) is not None]
-        if not folders:
+        found = [(f, s) for f in seed_runs(runs, method, mode) if (s := all_scores(runs, f)) is not None]
+        if not found:
             continue
-        per_seed, seeds[name] = [all_scores(runs, f) for f in folders], folders
+        seeds[name] = folders = [f for f, _ in found]
+        per_seed = [s for _, s in found]
         arms[name] = summary = {c: mean_std([s[c] for s in per_seed]) for c in COLUMNS}
         times = sorted(t for t in map(training_seconds, folders) if t is not None)
         time = datetime.timedelta(seconds=times[len(times) // 2]) if times else ""  # median of the seeds' logs
