@@ -1,8 +1,6 @@
-"""What rob_dino.py, rob_ibot.py, rob_msn.py, rob_swav.py and eval_linear.py share, and nothing of a run: data
-(datasets, the multi-crop augmentation per image and batched on the device, the resumable sampler and loader) and
-models (students, teacher backbones, official releases and checkpoints loaded or refused, the timm export, placing a
-network for training), plus the error type a user can fix, the process group and a stable seed mixer. Importing it
-changes nothing in the host program."""
+"""What rob_dino.py, rob_ibot.py, rob_msn.py, rob_swav.py and eval_linear.py share, and nothing of a run: data (the
+datasets, multi-crop augmentation, the resumable loader), models (students, teachers, the timm export), the user's
+error type, the process group and a stable seed mixer. Importing it changes nothing in the host program."""
 import argparse, errno, gzip, hashlib, io, itertools, math, os, random, signal, warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +36,6 @@ class UnreadableFileError(UserError, RuntimeError):
 
 
 def init_distributed():
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs); returns the device."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return torch.device("cuda" if cuda else "cpu")
@@ -59,20 +56,17 @@ def get_world_size():
 
 
 def log(*args):
-    """print() on rank 0 only."""
     if get_rank() == 0:
         print(*args, flush=True)
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM):
-    """In-place all-reduce over the processes (nothing in one process); returns the tensor."""
     if dist.is_initialized():
         dist.all_reduce(tensor, op)
     return tensor
 
 
 def all_reduce_mean(tensor):
-    """Mean of a tensor over the processes (the tensor itself in one process)."""
     return all_reduce(tensor.clone()) / dist.get_world_size() if dist.is_initialized() else tensor
 
 
@@ -84,8 +78,6 @@ def mix_seed(*keys):
 
 # ======================================================================================================== data
 class RandomGaussianBlur:
-    """PIL Gaussian blur with a radius drawn uniformly in `radius`, applied with probability p (torch RNG)."""
-
     def __init__(self, p, radius=(0.1, 2.0)):
         self.p, self.radius = p, radius
 
@@ -117,11 +109,8 @@ class MultiCropAugmentation:
         self.global_transforms = [crop_pipeline(global_crops_size, global_crops_scale, blur_p[min(i, 1)],
                                                 solarize_p[min(i, 1)]) for i in range(global_crops_number)]
         self.local_transform = crop_pipeline(local_crops_size, local_crops_scale, blur_p[2], solarize_p[2])
-
-    @property
-    def crop_shapes(self):
-        return ([(3, self.global_crops_size, self.global_crops_size)] * self.global_crops_number
-                + [(3, self.local_crops_size, self.local_crops_size)] * self.local_crops_number)
+        self.crop_shapes = ([(3, global_crops_size, global_crops_size)] * global_crops_number
+                            + [(3, local_crops_size, local_crops_size)] * local_crops_number)
 
     def __call__(self, img):
         return ([t(img) for t in self.global_transforms]
@@ -454,7 +443,6 @@ def build_dataset(data_path, train=True, synthetic_shapes=((3, 224, 224),), raw=
 
 
 def random_subset(dataset, size, seed=0):
-    """A seeded random subset of `size` images (--subset, for quick experiments); the data set itself for 0."""
     if not size:
         return dataset
     if size > len(dataset):
@@ -548,7 +536,6 @@ def _ignore_stop_signals(worker_id):
 
 
 def collate_raw(samples):
-    """--gpu_augment: raw images stacked if they share a shape, else listed; extras stacked."""
     images, labels = zip(*samples)
     images, extras = zip(*images) if isinstance(images[0], tuple) else (images, None)
     images = torch.stack(images) if all(i.ndim == 3 and i.shape == images[0].shape for i in images) else list(images)
@@ -556,9 +543,8 @@ def collate_raw(samples):
 
 
 def training_data(data_path, augmentation, batch_size, num_workers, seed=0, subset=0, gpu_augment=False, extras=None):
-    """The training set of `data_path` (a seeded `subset`), augmented per image in the loader workers or, with
-    gpu_augment, on the device by crops_on_device(). A namespace; the loader yields (batch, indices of the images);
-    `files` tells the data set apart from another (resume checks)."""
+    """The training set of `data_path` (a seeded `subset`), augmented in the loader workers or (gpu_augment) on the
+    device by crops_on_device(); the loader yields (batch, image indices); `files` names the data (resume checks)."""
     base = build_dataset(data_path, synthetic_shapes=augmentation.crop_shapes, raw=gpu_augment)
     dataset = AugmentedDataset(random_subset(base, subset, seed), None if gpu_augment else augmentation, seed,
                                return_index=True, extras=extras)
@@ -642,9 +628,8 @@ def create_backbone(arch):
 
 
 def student_backbone(name, img_size=224, patch_size=None, drop_path_rate=0.0):
-    """A random timm backbone without classifier (from the torch RNG as it is): an alias (vit_tiny, vit_small,
-    vit_base, resnet18, resnet34, resnet50, mobilenet_v3; vit_nano, vit_pico for small images) or any timm name; ViTs
-    take any input size. Returns (model, feature width, arch record)."""
+    """A random timm backbone without classifier (from the torch RNG as it is): a STUDENT_ALIASES name or any timm
+    name; ViTs take any input size. Returns (model, feature width, arch record)."""
     timm_name = STUDENT_ALIASES.get(name, name)
     if not timm.is_model(timm_name):
         raise UserError(f"unknown student '{name}': use one of {', '.join(STUDENT_ALIASES)} or any "
@@ -735,19 +720,16 @@ def source_of(name_or_path, names, url, what):
 
 
 def strip_prefix(sd, *prefixes):
-    """Remove the given key prefixes ('module.', 'backbone.'...) wherever keys start with them."""
     for prefix in prefixes:
         sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
     return sd
 
 
 def sub_state_dict(sd, prefix):
-    """The entries under `prefix`, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def load_strict(module, sd, source, expected):
-    """Load `sd` into `module`, every tensor used and filled, or raise naming the file, the format and the keys."""
     own = module.state_dict()
     missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
     mis_shaped = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -839,8 +821,7 @@ def mlp_sizes(sd):
 
 
 class MultiCropNetwork(nn.Module):
-    """Backbone + head over a list of crops: one backbone pass per run of same-sized crops (the global crops
-    together, the local crops together), one head pass over all the features, crop-major ([n_crops * B, ...])."""
+    """Backbone + head over crops: a backbone pass per run of same-sized crops, one head pass, outputs crop-major."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -891,7 +872,6 @@ def export_timm(backbone, arch, path):
 
 
 def freeze(model):
-    """A frozen teacher: eval mode (BN statistics never change), no gradients."""
     return model.eval().requires_grad_(False)
 
 
@@ -906,7 +886,6 @@ def place_student(student, device):
 
 
 def place_teacher(teacher, device, dtype, low_precision=()):
-    """The frozen teacher on the device (channels-last if a convnet), the `low_precision` modules in `dtype`."""
     teacher.to(device)
     for module in low_precision:
         module.to(dtype)
@@ -914,7 +893,6 @@ def place_teacher(teacher, device, dtype, low_precision=()):
 
 
 def check_patch(backbone, crop_size):
-    """The teacher sees the global crops: their size must be a multiple of its patch size."""
     patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", (1,))[0]
     if crop_size % patch:
         raise UserError(f"--global_crops_size {crop_size} is not a multiple of the teacher's patch size {patch}: "
@@ -930,13 +908,11 @@ def compile_network(network):
     else:
         backbone.compile()
     network.head.compile()
-    return network
 
 
 def sync_batchnorm(module):
-    """BatchNorm over the global batch when several processes train (a no-op without BN layers): SyncBatchNorm on
-    GPUs, ProcessGroupBatchNorm on CPUs (gloo). The statistics, hence the step, are then those of one process on
-    the global batch, and the running statistics are the same in every process."""
+    """BatchNorm over the global batch when several processes train (a no-op without BN layers): SyncBatchNorm on GPUs,
+    ProcessGroupBatchNorm on CPUs (gloo): every process then takes the same step, with the same running statistics."""
     if get_world_size() > 1 and torch.cuda.is_available():
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if get_world_size() > 1:

@@ -283,7 +283,6 @@ def main(args):
 
 # ======================================================================================================================
 # Run machinery, the same text in the four rob_*.py files (tests/test_copies.py keeps it so): nothing of the method.
-# ======================================================================================================================
 def add_run_args(parser):
     """The flags of every script, with generic defaults (a method sets its own with parser.set_defaults)."""
     group = parser.add_argument_group("optimisation and multi-crop")
@@ -336,9 +335,7 @@ def check_flags(args, positive=(), non_negative=(), fractions=()):
 
 
 def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
-    """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
-    the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
-    256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
+    """What every step reads, whatever the method; `ddp`: the network a step calls, `step`: where training starts."""
     amp, (student, ddp) = device.type == "cuda" and args.precision != "fp32", common.place_student(student, device)
     global_batch = args.batch_size_per_gpu * common.get_world_size()
     return SimpleNamespace(
@@ -359,9 +356,6 @@ def param_groups(model):
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
-    if warmup_epochs >= epochs:
-        raise common.UserError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
-                               "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
     warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
     steps = epochs * iters_per_epoch - len(warmup)
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
@@ -433,9 +427,7 @@ def locked_output_dir(path):
         path.mkdir(parents=True, exist_ok=True)
         lock = open(path / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
-        lock.write(" " * 4096)  # a full disk fails now, not at the first checkpoint
-        lock.flush()
-        os.fsync(lock.fileno())
+        os.posix_fallocate(lock.fileno(), 0, 4096)  # a full disk fails now, not at the first checkpoint
         lock.truncate(0)
     except OSError as err:
         if lock is not None and not isinstance(err, BlockingIOError):  # ours: leave nothing behind
@@ -462,24 +454,19 @@ RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp
 
 
 def resume(run, data, output_dir):
-    """Continue from output_dir/checkpoint.pth if there is one, else (it was lost) from the newest checkpointNNNN.pth;
-    a folder with neither whose log.txt goes past the first epoch is refused, never trained over (the first epoch's
-    line alone: the run was killed before its first checkpoint, and starts again). Refused, with the differences, if
-    another script wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), data, global batch or steps
-    per epoch. A longer --epochs is allowed: the schedules are those of the new length. log.txt keeps the epochs
-    before it."""
+    """Continue from output_dir/checkpoint.pth, else (lost) from the newest checkpointNNNN.pth. Refused, naming the fix:
+    a folder with neither whose log.txt goes past epoch 0, another script's run, or other run-defining flags (all but
+    RESUMABLE_FLAGS), data, global batch or steps per epoch. A longer --epochs is allowed. log.txt is cut to match."""
     args, numbered = run.args, sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
     path = next((p for p in [output_dir / "checkpoint.pth", *numbered] if p.is_file()), None)
+    log_file = output_dir / "log.txt"
     if path is None:
-        try:
-            lines = (output_dir / "log.txt").read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
+        lines = log_file.read_text().splitlines() if log_file.exists() else []
         if any(json.loads(line)["epoch"] > 0 for line in lines if line.endswith("}")):
             raise common.UserError(f"{output_dir} holds a run's log.txt but no checkpoint.pth to resume it from: "
                                    "restore it, or use another --output_dir")
         if lines and common.get_rank() == 0:  # killed between the first epoch's log line and its checkpoint
-            (output_dir / "log.txt").unlink()
+            log_file.unlink()
         return
     if path.name != "checkpoint.pth":
         common.log(f"{output_dir / 'checkpoint.pth'} is missing: resuming from {path.name}, the newest numbered one")
@@ -506,7 +493,6 @@ def resume(run, data, output_dir):
         module.load_state_dict(ckpt[name])
     data.dataset.unreadable[ckpt["unreadable"]] = True
     run.step = ckpt["step"]
-    log_file = output_dir / "log.txt"
     if common.get_rank() == 0 and log_file.exists():  # epochs at or after the resume point are done (and logged) again
         lines = log_file.read_text().splitlines()
         kept = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] < ckpt["epoch"]]
@@ -518,11 +504,9 @@ def resume(run, data, output_dir):
 
 @torch.no_grad()
 def save(run, data, output_dir, step, values, seconds):
-    """Save the run at `step` once every process has checked it: nothing is saved (FloatingPointError) unless every
-    tensor of the student, the method's state and the optimiser is finite, and the student's outputs on a fixed input
-    (weights can be finite yet too large to use). Rank 0 writes each file through a temporary file and a rename: the
-    timm export; at an epoch's end its line of log.txt and every --saveckp_freq epochs a numbered copy; last
-    checkpoint.pth, the resume point. A kill at any moment leaves files that the same command resumes from."""
+    """Save the run at `step` once every process has found every tensor of the student, the method's state and the
+    optimiser finite, and the student's outputs on a fixed input (weights can be finite yet too large to use); else
+    FloatingPointError, nothing saved. Rank 0 writes checkpoint.pth last: a kill at any time leaves a run to resume."""
     tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
     tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
                 if torch.is_tensor(t) and t.is_floating_point()]

@@ -12,8 +12,7 @@ half the global crops masked, blocks over 10-50 % of the grid; CLS term (same-vi
 temperature 0.1; 2 x 224 px crops (0.25, 1) + 10 x 96 px (0.05, 0.25), DINO's augmentation; AdamW, lr 5e-4 x batch /
 256 after 10 warm-up epochs, cosine to 1e-5, weight decay 0.04 -> 0.48, no clipping, no drop-path for ViT-Tiny.
 `--teacher ema` runs plain iBOT, the paper's baseline and a way to pretrain a teacher (any checkpoint.pth of this
-script is a valid --teacher). Top to bottom: targets and loss, networks, masks, the baseline, the step, flags and
-main(), then the run machinery the four rob_*.py files share.
+script is a valid --teacher).
 """
 import argparse, contextlib, copy, datetime, fcntl, itertools, json, math, multiprocessing, os, signal, sys, time
 from pathlib import Path
@@ -42,8 +41,7 @@ def teacher_probs(teacher_logits, temp, center=None):
 
 
 def view_pairs(n_teacher, n_crops, swapped=False):
-    """(teacher view, student crop) pairs: same-view (RoB's default), teacher view t -> crop t and every crop that is
-    not another teacher view; swapped (the original methods'), t -> every crop but t."""
+    """(teacher view t, student crop s) pairs: same-view (RoB's) s = t or s a crop no teacher sees; swapped s != t."""
     return [(t, s) for t in range(n_teacher) for s in range(n_crops)
             if (s != t if swapped else s == t or s >= n_teacher)]
 
@@ -66,7 +64,6 @@ def patch_loss(student_logits, teacher_probs, masks, student_temp):
 
 
 def ibot_loss(student_out, targets, masks, pairs, student_temp):
-    """(CLS term, patch term) of the student's (CLS logits, patch logits) against the teacher's targets."""
     return (multi_crop_cross_entropy(student_out[0], targets[0], pairs, student_temp),
             patch_loss(student_out[1], targets[1], masks, student_temp))
 
@@ -125,8 +122,7 @@ class iBOTNetwork(nn.Module):
 
 
 def build_student(args, teacher=None):
-    """A fresh ViT (drawn from the torch RNG) with a mask token + an iBOT head with the teacher's K and K2 outputs (the
-    flags' for the baseline). Returns (network, arch)."""
+    """A fresh ViT (torch RNG) with a mask token + an iBOT head of the teacher's K and K2 (the baseline: the flags')."""
     drop_path = args.drop_path_rate if args.drop_path_rate is not None else \
         0.0 if args.student in ("vit_tiny", "vit_nano", "vit_pico") or "tiny" in args.student else 0.1
     backbone, dim, arch = common.student_backbone(args.student, args.global_crops_size, args.patch_size, drop_path)
@@ -262,8 +258,7 @@ def clip_gradients_per_tensor(params, max_norm):
 
 # --------------------------------------------------------------------------------------------- the training step
 def build_run(args, device, data, student, arch, teacher=None):
-    """Everything a step reads, built here once: new_run()'s fields and RoB-iBOT's own: `data`, `teacher` (frozen, or
-    the EMA), `plain` (PlainIBOT, or None for RoB), `pairs`, `loss_fn`, `saved` (the baseline's state)."""
+    """Everything a step reads, built here once: new_run()'s fields and RoB-iBOT's own (`plain`: None for RoB)."""
     run = new_run(args, device, student, arch, len(data.loader))
     plain = PlainIBOT(run.student, arch, args, run.iters_per_epoch, device) if teacher is None else None
     run.data, run.plain, run.teacher = data, plain, plain.teacher if teacher is None else common.place_teacher(
@@ -373,7 +368,6 @@ def main(args):
 
 # ======================================================================================================================
 # Run machinery, the same text in the four rob_*.py files (tests/test_copies.py keeps it so): nothing of the method.
-# ======================================================================================================================
 def add_run_args(parser):
     """The flags of every script, with generic defaults (a method sets its own with parser.set_defaults)."""
     group = parser.add_argument_group("optimisation and multi-crop")
@@ -426,9 +420,7 @@ def check_flags(args, positive=(), non_negative=(), fractions=()):
 
 
 def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
-    """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
-    the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
-    256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
+    """What every step reads, whatever the method; `ddp`: the network a step calls, `step`: where training starts."""
     amp, (student, ddp) = device.type == "cuda" and args.precision != "fp32", common.place_student(student, device)
     global_batch = args.batch_size_per_gpu * common.get_world_size()
     return SimpleNamespace(
@@ -449,9 +441,6 @@ def param_groups(model):
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
-    if warmup_epochs >= epochs:
-        raise common.UserError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
-                               "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
     warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
     steps = epochs * iters_per_epoch - len(warmup)
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
@@ -523,9 +512,7 @@ def locked_output_dir(path):
         path.mkdir(parents=True, exist_ok=True)
         lock = open(path / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
-        lock.write(" " * 4096)  # a full disk fails now, not at the first checkpoint
-        lock.flush()
-        os.fsync(lock.fileno())
+        os.posix_fallocate(lock.fileno(), 0, 4096)  # a full disk fails now, not at the first checkpoint
         lock.truncate(0)
     except OSError as err:
         if lock is not None and not isinstance(err, BlockingIOError):  # ours: leave nothing behind
@@ -552,24 +539,19 @@ RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp
 
 
 def resume(run, data, output_dir):
-    """Continue from output_dir/checkpoint.pth if there is one, else (it was lost) from the newest checkpointNNNN.pth;
-    a folder with neither whose log.txt goes past the first epoch is refused, never trained over (the first epoch's
-    line alone: the run was killed before its first checkpoint, and starts again). Refused, with the differences, if
-    another script wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), data, global batch or steps
-    per epoch. A longer --epochs is allowed: the schedules are those of the new length. log.txt keeps the epochs
-    before it."""
+    """Continue from output_dir/checkpoint.pth, else (lost) from the newest checkpointNNNN.pth. Refused, naming the fix:
+    a folder with neither whose log.txt goes past epoch 0, another script's run, or other run-defining flags (all but
+    RESUMABLE_FLAGS), data, global batch or steps per epoch. A longer --epochs is allowed. log.txt is cut to match."""
     args, numbered = run.args, sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
     path = next((p for p in [output_dir / "checkpoint.pth", *numbered] if p.is_file()), None)
+    log_file = output_dir / "log.txt"
     if path is None:
-        try:
-            lines = (output_dir / "log.txt").read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
+        lines = log_file.read_text().splitlines() if log_file.exists() else []
         if any(json.loads(line)["epoch"] > 0 for line in lines if line.endswith("}")):
             raise common.UserError(f"{output_dir} holds a run's log.txt but no checkpoint.pth to resume it from: "
                                    "restore it, or use another --output_dir")
         if lines and common.get_rank() == 0:  # killed between the first epoch's log line and its checkpoint
-            (output_dir / "log.txt").unlink()
+            log_file.unlink()
         return
     if path.name != "checkpoint.pth":
         common.log(f"{output_dir / 'checkpoint.pth'} is missing: resuming from {path.name}, the newest numbered one")
@@ -596,7 +578,6 @@ def resume(run, data, output_dir):
         module.load_state_dict(ckpt[name])
     data.dataset.unreadable[ckpt["unreadable"]] = True
     run.step = ckpt["step"]
-    log_file = output_dir / "log.txt"
     if common.get_rank() == 0 and log_file.exists():  # epochs at or after the resume point are done (and logged) again
         lines = log_file.read_text().splitlines()
         kept = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] < ckpt["epoch"]]
@@ -608,11 +589,9 @@ def resume(run, data, output_dir):
 
 @torch.no_grad()
 def save(run, data, output_dir, step, values, seconds):
-    """Save the run at `step` once every process has checked it: nothing is saved (FloatingPointError) unless every
-    tensor of the student, the method's state and the optimiser is finite, and the student's outputs on a fixed input
-    (weights can be finite yet too large to use). Rank 0 writes each file through a temporary file and a rename: the
-    timm export; at an epoch's end its line of log.txt and every --saveckp_freq epochs a numbered copy; last
-    checkpoint.pth, the resume point. A kill at any moment leaves files that the same command resumes from."""
+    """Save the run at `step` once every process has found every tensor of the student, the method's state and the
+    optimiser finite, and the student's outputs on a fixed input (weights can be finite yet too large to use); else
+    FloatingPointError, nothing saved. Rank 0 writes checkpoint.pth last: a kill at any time leaves a run to resume."""
     tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
     tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
                 if torch.is_tensor(t) and t.is_floating_point()]

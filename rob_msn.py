@@ -14,8 +14,7 @@ CE at 0.1, same-view pairing; 10 % (ViT-Tiny) or 15 % of the global crops' token
 + 10 x 96 px (0.05, 0.3), MSN's augmentation; AdamW, lr 2e-4 -> 1e-3 at batch 1024 over 15 epochs, cosine to 1e-5,
 weight decay 0.04 -> 0.4, gradient norm clipped at 1, no drop-path. `--teacher ema` runs plain MSN (EMA, learned
 prototypes, Sinkhorn, me-max), the paper's baseline and a way to pretrain a teacher (any checkpoint.pth of this script
-is a valid --teacher). Read top to bottom: target and loss, networks, the baseline, the step, flags and main(), then
-the run machinery the four rob_*.py files share.
+is a valid --teacher).
 """
 import argparse, contextlib, copy, datetime, fcntl, itertools, json, math, multiprocessing, os, signal, sys, time
 from pathlib import Path
@@ -51,8 +50,7 @@ def teacher_probs(teacher_out, prototypes, temp):
 
 
 def view_pairs(n_teacher, n_crops, swapped=False):
-    """(teacher view, student crop) pairs: same-view (RoB's default), teacher view t -> crop t and every crop that is
-    not another teacher view; swapped (the original methods'), t -> every crop but t."""
+    """(teacher view t, student crop s) pairs: same-view (RoB's) s = t or s a crop no teacher sees; swapped s != t."""
     return [(t, s) for t in range(n_teacher) for s in range(n_crops)
             if (s != t if swapped else s == t or s >= n_teacher)]
 
@@ -125,8 +123,7 @@ class MSNNetwork(nn.Module):
 
 
 def build_student(args, teacher=None):
-    """A fresh backbone (drawn from the torch RNG) + the RoB head over the teacher's prototypes, or (baseline) MSN's
-    projection and learned prototypes. Returns (network, arch)."""
+    """A fresh backbone (torch RNG) + a RoB head of the teacher's K, or (baseline) MSN's projection and prototypes."""
     backbone, dim, arch = common.student_backbone(args.student, args.global_crops_size, args.patch_size,
                                                   args.drop_path_rate)
     convnet = not common.is_vit(backbone)
@@ -214,12 +211,10 @@ def me_max(student_logits, student_temp):
 
 # --------------------------------------------------------------------------------------------- the training step
 def build_run(args, device, data, student, arch, teacher=None):
-    """Everything a step reads, built here once: new_run()'s fields (the baseline's prototypes undecayed, the lr warmed
-    up from --start_lr) and RoB-MSN's own: `data`, `teacher` (frozen, or the EMA), `plain` (PlainMSN or None),
-    `pairs`, `n_teacher` (the global crops it sees), `target_temp`, `loss_fn`, `saved` (the baseline's state)."""
+    """Everything a step reads, built here once: new_run()'s fields (lr warmed up from --start_lr) and RoB-MSN's own."""
     groups = param_groups(nn.ModuleList([student.backbone, student.head]))
     if teacher is None:
-        groups[1]["params"].append(student.prototypes)
+        groups[1]["params"].append(student.prototypes)  # the baseline's prototypes: no weight decay
     run = new_run(args, device, student, arch, len(data.loader), torch.optim.AdamW(groups, fused=device.type == "cuda"),
                   args.start_lr * args.batch_size_per_gpu * common.get_world_size() / 256)  # optimizer, warmup_start
     plain = PlainMSN(run.student, arch, args, run.iters_per_epoch, device) if teacher is None else None
@@ -241,7 +236,6 @@ def build_run(args, device, data, student, arch, teacher=None):
 
 
 def train_step(run, batch, indices, step):
-    """One optimisation step on a loader batch; returns {"train_loss"} (+ "me_max" for the baseline)."""
     crops = common.crops_on_device(run.data, batch, indices, run.device, step, not common.is_vit(run.student.backbone))
     with torch.no_grad(), torch.autocast(run.device.type, torch.bfloat16, enabled=run.plain is not None and run.amp):
         teacher_out = run.teacher([c.to(run.teacher_dtype) for c in crops[:run.n_teacher]])
@@ -257,10 +251,9 @@ def train_step(run, batch, indices, step):
     if run.args.clip_grad:
         nn.utils.clip_grad_norm_(network_params(run.student), run.args.clip_grad)  # MSN leaves the prototypes out
     run.optimizer.step()
-    if run.plain is None:
-        return {"train_loss": loss}
-    run.plain.after_optimizer_step(step)
-    return {"train_loss": loss, "me_max": regulariser}
+    if run.plain is not None:
+        run.plain.after_optimizer_step(step)
+    return {"train_loss": loss} if run.plain is None else {"train_loss": loss, "me_max": regulariser}
 
 
 # ------------------------------------------------------------------------------------------ flags and main()
@@ -325,7 +318,6 @@ def main(args):
 
 # ======================================================================================================================
 # Run machinery, the same text in the four rob_*.py files (tests/test_copies.py keeps it so): nothing of the method.
-# ======================================================================================================================
 def add_run_args(parser):
     """The flags of every script, with generic defaults (a method sets its own with parser.set_defaults)."""
     group = parser.add_argument_group("optimisation and multi-crop")
@@ -378,9 +370,7 @@ def check_flags(args, positive=(), non_negative=(), fractions=()):
 
 
 def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
-    """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
-    the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
-    256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
+    """What every step reads, whatever the method; `ddp`: the network a step calls, `step`: where training starts."""
     amp, (student, ddp) = device.type == "cuda" and args.precision != "fp32", common.place_student(student, device)
     global_batch = args.batch_size_per_gpu * common.get_world_size()
     return SimpleNamespace(
@@ -401,9 +391,6 @@ def param_groups(model):
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
-    if warmup_epochs >= epochs:
-        raise common.UserError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
-                               "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
     warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
     steps = epochs * iters_per_epoch - len(warmup)
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
@@ -475,9 +462,7 @@ def locked_output_dir(path):
         path.mkdir(parents=True, exist_ok=True)
         lock = open(path / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
-        lock.write(" " * 4096)  # a full disk fails now, not at the first checkpoint
-        lock.flush()
-        os.fsync(lock.fileno())
+        os.posix_fallocate(lock.fileno(), 0, 4096)  # a full disk fails now, not at the first checkpoint
         lock.truncate(0)
     except OSError as err:
         if lock is not None and not isinstance(err, BlockingIOError):  # ours: leave nothing behind
@@ -504,24 +489,19 @@ RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp
 
 
 def resume(run, data, output_dir):
-    """Continue from output_dir/checkpoint.pth if there is one, else (it was lost) from the newest checkpointNNNN.pth;
-    a folder with neither whose log.txt goes past the first epoch is refused, never trained over (the first epoch's
-    line alone: the run was killed before its first checkpoint, and starts again). Refused, with the differences, if
-    another script wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), data, global batch or steps
-    per epoch. A longer --epochs is allowed: the schedules are those of the new length. log.txt keeps the epochs
-    before it."""
+    """Continue from output_dir/checkpoint.pth, else (lost) from the newest checkpointNNNN.pth. Refused, naming the fix:
+    a folder with neither whose log.txt goes past epoch 0, another script's run, or other run-defining flags (all but
+    RESUMABLE_FLAGS), data, global batch or steps per epoch. A longer --epochs is allowed. log.txt is cut to match."""
     args, numbered = run.args, sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
     path = next((p for p in [output_dir / "checkpoint.pth", *numbered] if p.is_file()), None)
+    log_file = output_dir / "log.txt"
     if path is None:
-        try:
-            lines = (output_dir / "log.txt").read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
+        lines = log_file.read_text().splitlines() if log_file.exists() else []
         if any(json.loads(line)["epoch"] > 0 for line in lines if line.endswith("}")):
             raise common.UserError(f"{output_dir} holds a run's log.txt but no checkpoint.pth to resume it from: "
                                    "restore it, or use another --output_dir")
         if lines and common.get_rank() == 0:  # killed between the first epoch's log line and its checkpoint
-            (output_dir / "log.txt").unlink()
+            log_file.unlink()
         return
     if path.name != "checkpoint.pth":
         common.log(f"{output_dir / 'checkpoint.pth'} is missing: resuming from {path.name}, the newest numbered one")
@@ -548,7 +528,6 @@ def resume(run, data, output_dir):
         module.load_state_dict(ckpt[name])
     data.dataset.unreadable[ckpt["unreadable"]] = True
     run.step = ckpt["step"]
-    log_file = output_dir / "log.txt"
     if common.get_rank() == 0 and log_file.exists():  # epochs at or after the resume point are done (and logged) again
         lines = log_file.read_text().splitlines()
         kept = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] < ckpt["epoch"]]
@@ -560,11 +539,9 @@ def resume(run, data, output_dir):
 
 @torch.no_grad()
 def save(run, data, output_dir, step, values, seconds):
-    """Save the run at `step` once every process has checked it: nothing is saved (FloatingPointError) unless every
-    tensor of the student, the method's state and the optimiser is finite, and the student's outputs on a fixed input
-    (weights can be finite yet too large to use). Rank 0 writes each file through a temporary file and a rename: the
-    timm export; at an epoch's end its line of log.txt and every --saveckp_freq epochs a numbered copy; last
-    checkpoint.pth, the resume point. A kill at any moment leaves files that the same command resumes from."""
+    """Save the run at `step` once every process has found every tensor of the student, the method's state and the
+    optimiser finite, and the student's outputs on a fixed input (weights can be finite yet too large to use); else
+    FloatingPointError, nothing saved. Rank 0 writes checkpoint.pth last: a kill at any time leaves a run to resume."""
     tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
     tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
                 if torch.is_tensor(t) and t.is_floating_point()]

@@ -38,9 +38,8 @@ OPTIMIZER_DEFAULTS = {"lars": dict(lr=0.3, weight_decay=1e-6, weight_decay_end=1
 # ----------------------------------------------------------------------------------------- the RoB codes and loss
 @torch.no_grad()
 def sinkhorn_knopp(scores, epsilon, n_iters):
-    """Codes [B, K] for prototype scores [B, K]: from exp(scores / epsilon), alternately rescale the prototypes (rows of
-    Q = [K, B]) to a mass of 1/K each and the samples to 1/B each over the global batch (SwAV's equipartition); fp32,
-    one maximum subtracted everywhere for stability. Each code sums to 1."""
+    """Codes [B, K] (each summing to 1) of prototype scores [B, K]: from exp(scores / epsilon) in fp32 (less the
+    global maximum), each prototype (row of Q = [K, B]) to a mass of 1/K and each sample to 1/B in turn, globally."""
     scores = scores.float()
     q = torch.exp((scores - common.all_reduce(scores.max(), dist.ReduceOp.MAX)) / epsilon).t()  # [K, B_local]
     n_prototypes, n_samples = q.shape[0], common.all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
@@ -52,15 +51,13 @@ def sinkhorn_knopp(scores, epsilon, n_iters):
 
 
 def teacher_codes(scores, epsilon, n_iters, past_scores=None):
-    """The RoB seam: the teacher's prototype scores of one view [B, K] become the target codes, by Sinkhorn over the
-    global batch, joined by the scores of the queued past embeddings if any (their codes are dropped)."""
+    """The RoB seam: the teacher's scores of one view [B, K] become target codes (Sinkhorn, with the queue's if any)."""
     joined = scores if past_scores is None else torch.cat([scores, past_scores])
     return sinkhorn_knopp(joined, epsilon, n_iters)[:len(scores)]
 
 
 def view_pairs(n_teacher, n_crops, swapped=False):
-    """(teacher view, student crop) pairs: same-view (RoB's default), teacher view t -> crop t and every crop that is
-    not another teacher view; swapped (the original methods'), t -> every crop but t."""
+    """(teacher view t, student crop s) pairs: same-view (RoB's) s = t or s a crop no teacher sees; swapped s != t."""
     return [(t, s) for t in range(n_teacher) for s in range(n_crops)
             if (s != t if swapped else s == t or s >= n_teacher)]
 
@@ -122,8 +119,7 @@ def normalize_prototypes(head):
 
 
 def build_student(args, teacher=None):
-    """A fresh backbone (drawn from the torch RNG) + a SwAV head with the teacher's number and width of prototypes (the
-    flags' for plain SwAV), or (--use_teacher_prototypes) a frozen copy of them. Returns (network, arch)."""
+    """A fresh backbone (torch RNG) + a SwAV head shaped as the teacher's prototypes (the flags' for plain SwAV)."""
     backbone, dim, arch = common.student_backbone(args.student, args.global_crops_size, args.patch_size,
                                                   args.drop_path_rate)
     n_prototypes, feat_dim = (args.nmb_prototypes, args.feat_dim) if teacher is None else \
@@ -156,11 +152,10 @@ def teacher_from_checkpoint(ckpt, source):
 def collapse_warning(loss, n_prototypes, epsilon):
     """Plain SwAV's failure at small scale: codes and predictions go uniform, the loss sits at ln K with no gradient
     left. SwAV's first remedy is sharper codes (a lower epsilon). The message for an epoch's last loss, or None."""
-    if abs(loss - math.log(n_prototypes)) > 0.015:
-        return None
-    return (f"the loss {loss:.4f} at the end of the epoch sits at ln {n_prototypes} = {math.log(n_prototypes):.4f}: "
-            f"plain SwAV has collapsed (uniform codes, no gradient). Restart with a lower --epsilon (now {epsilon:g}, "
-            f"e.g. {max(epsilon * 0.6, 0.025):.2g}; below ~0.025 fp32 can underflow).")
+    return None if abs(loss - math.log(n_prototypes)) > 0.015 else (
+        f"the loss {loss:.4f} at the end of the epoch sits at ln {n_prototypes} = {math.log(n_prototypes):.4f}: plain "
+        f"SwAV has collapsed (uniform codes, no gradient). Restart with a lower --epsilon (now {epsilon:g}, e.g. "
+        f"{max(epsilon * 0.6, 0.025):.2g}; below ~0.025 fp32 can underflow).")
 
 
 class LARS(torch.optim.Optimizer):
@@ -191,9 +186,7 @@ class LARS(torch.optim.Optimizer):
 
 # --------------------------------------------------------------------------------------------- the training step
 def build_run(args, device, data, student, arch, teacher=None):
-    """Everything a step reads, built here once: new_run()'s fields (LARS or AdamW) and RoB-SwAV's own: `data`,
-    `teacher` (None for plain SwAV), `n_teacher` (the coded crops), `epsilon`, `pairs`, `loss_fn`, `freeze_prototypes`
-    (steps with the student's prototypes frozen), the optional `queue`, `saved` (the queue)."""
+    """Everything a step reads, built here once: new_run()'s fields (LARS or AdamW) and RoB-SwAV's own."""
     lars, peak = args.optimizer == "lars", args.lr * args.batch_size_per_gpu * common.get_world_size() / 256
     optimizer = LARS([p for p in student.parameters() if p.requires_grad]) if lars else None  # None: AdamW
     min_lr = args.min_lr if args.min_lr is not None else peak / 1000 if lars else 1e-5
@@ -230,7 +223,6 @@ def codes_of(run, embeddings, scores, prototypes, step):
 
 
 def train_step(run, batch, indices, step):
-    """One optimisation step on a loader batch; returns {"train_loss": the loss}."""
     crops = common.crops_on_device(run.data, batch, indices, run.device, step, not common.is_vit(run.student.backbone))
     if run.teacher is not None:
         with torch.no_grad():
@@ -295,9 +287,7 @@ def get_args_parser():
 
 
 def check_args(args):
-    for key, value in OPTIMIZER_DEFAULTS[args.optimizer].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    vars(args).update({k: v for k, v in OPTIMIZER_DEFAULTS[args.optimizer].items() if getattr(args, k) is None})
     check_flags(args, positive=["student_temp", "epsilon", "hidden_mlp", "feat_dim", "nmb_prototypes"],
                 non_negative=["sinkhorn_iterations", "queue_length", "epoch_queue_starts", "freeze_prototypes_niters"],
                 fractions=["drop_path_rate"])
@@ -328,7 +318,6 @@ def main(args):
 
 # ======================================================================================================================
 # Run machinery, the same text in the four rob_*.py files (tests/test_copies.py keeps it so): nothing of the method.
-# ======================================================================================================================
 def add_run_args(parser):
     """The flags of every script, with generic defaults (a method sets its own with parser.set_defaults)."""
     group = parser.add_argument_group("optimisation and multi-crop")
@@ -381,9 +370,7 @@ def check_flags(args, positive=(), non_negative=(), fractions=()):
 
 
 def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
-    """What every step reads, whatever the method: args, device, `amp` (bf16 autocast), teacher_dtype, the student on
-    the device and `ddp` (common.place_student), the optimiser (default AdamW), the lr (peak args.lr x global batch /
-    256) and weight decay of each step, arch, iters_per_epoch, global_batch and `step`, where training starts."""
+    """What every step reads, whatever the method; `ddp`: the network a step calls, `step`: where training starts."""
     amp, (student, ddp) = device.type == "cuda" and args.precision != "fp32", common.place_student(student, device)
     global_batch = args.batch_size_per_gpu * common.get_world_size()
     return SimpleNamespace(
@@ -404,9 +391,6 @@ def param_groups(model):
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
-    if warmup_epochs >= epochs:
-        raise common.UserError(f"a warm-up of {warmup_epochs} epochs leaves nothing of a {epochs}-epoch run: lower "
-                               "--warmup_epochs (or the temperature / momentum warm-up) or raise --epochs.")
     warmup = torch.linspace(warmup_start, base, int(warmup_epochs * iters_per_epoch) + 1, dtype=torch.float64)[:-1]
     steps = epochs * iters_per_epoch - len(warmup)
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * torch.arange(steps, dtype=torch.float64) / steps))
@@ -478,9 +462,7 @@ def locked_output_dir(path):
         path.mkdir(parents=True, exist_ok=True)
         lock = open(path / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
-        lock.write(" " * 4096)  # a full disk fails now, not at the first checkpoint
-        lock.flush()
-        os.fsync(lock.fileno())
+        os.posix_fallocate(lock.fileno(), 0, 4096)  # a full disk fails now, not at the first checkpoint
         lock.truncate(0)
     except OSError as err:
         if lock is not None and not isinstance(err, BlockingIOError):  # ours: leave nothing behind
@@ -507,24 +489,19 @@ RESUMABLE_FLAGS = {"output_dir", "data_path", "num_workers", "compile", "saveckp
 
 
 def resume(run, data, output_dir):
-    """Continue from output_dir/checkpoint.pth if there is one, else (it was lost) from the newest checkpointNNNN.pth;
-    a folder with neither whose log.txt goes past the first epoch is refused, never trained over (the first epoch's
-    line alone: the run was killed before its first checkpoint, and starts again). Refused, with the differences, if
-    another script wrote it or with other run-defining flags (all but RESUMABLE_FLAGS), data, global batch or steps
-    per epoch. A longer --epochs is allowed: the schedules are those of the new length. log.txt keeps the epochs
-    before it."""
+    """Continue from output_dir/checkpoint.pth, else (lost) from the newest checkpointNNNN.pth. Refused, naming the fix:
+    a folder with neither whose log.txt goes past epoch 0, another script's run, or other run-defining flags (all but
+    RESUMABLE_FLAGS), data, global batch or steps per epoch. A longer --epochs is allowed. log.txt is cut to match."""
     args, numbered = run.args, sorted(output_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"), reverse=True)
     path = next((p for p in [output_dir / "checkpoint.pth", *numbered] if p.is_file()), None)
+    log_file = output_dir / "log.txt"
     if path is None:
-        try:
-            lines = (output_dir / "log.txt").read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
+        lines = log_file.read_text().splitlines() if log_file.exists() else []
         if any(json.loads(line)["epoch"] > 0 for line in lines if line.endswith("}")):
             raise common.UserError(f"{output_dir} holds a run's log.txt but no checkpoint.pth to resume it from: "
                                    "restore it, or use another --output_dir")
         if lines and common.get_rank() == 0:  # killed between the first epoch's log line and its checkpoint
-            (output_dir / "log.txt").unlink()
+            log_file.unlink()
         return
     if path.name != "checkpoint.pth":
         common.log(f"{output_dir / 'checkpoint.pth'} is missing: resuming from {path.name}, the newest numbered one")
@@ -551,7 +528,6 @@ def resume(run, data, output_dir):
         module.load_state_dict(ckpt[name])
     data.dataset.unreadable[ckpt["unreadable"]] = True
     run.step = ckpt["step"]
-    log_file = output_dir / "log.txt"
     if common.get_rank() == 0 and log_file.exists():  # epochs at or after the resume point are done (and logged) again
         lines = log_file.read_text().splitlines()
         kept = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] < ckpt["epoch"]]
@@ -563,11 +539,9 @@ def resume(run, data, output_dir):
 
 @torch.no_grad()
 def save(run, data, output_dir, step, values, seconds):
-    """Save the run at `step` once every process has checked it: nothing is saved (FloatingPointError) unless every
-    tensor of the student, the method's state and the optimiser is finite, and the student's outputs on a fixed input
-    (weights can be finite yet too large to use). Rank 0 writes each file through a temporary file and a rename: the
-    timm export; at an epoch's end its line of log.txt and every --saveckp_freq epochs a numbered copy; last
-    checkpoint.pth, the resume point. A kill at any moment leaves files that the same command resumes from."""
+    """Save the run at `step` once every process has found every tensor of the student, the method's state and the
+    optimiser finite, and the student's outputs on a fixed input (weights can be finite yet too large to use); else
+    FloatingPointError, nothing saved. Rank 0 writes checkpoint.pth last: a kill at any time leaves a run to resume."""
     tensors = [t for m in (run.student, *run.saved.values()) for t in m.state_dict().values() if t.is_floating_point()]
     tensors += [t for s in run.optimizer.state_dict()["state"].values() for t in s.values()
                 if torch.is_tensor(t) and t.is_floating_point()]

@@ -219,8 +219,9 @@ def test_cosine_schedule():
     assert all(a <= b + 1e-12 for a, b in zip(values[:10], values[1:11]))
     assert all(a >= b - 1e-12 for a, b in zip(values[10:], values[11:]))
     assert abs(values[-1] - (0.1 + 0.45 * (1 + math.cos(29 / 30 * math.pi)))) < 1e-12
-    with pytest.raises(ValueError, match="--warmup_epochs"):
-        rob_dino.cosine_schedule(1.0, 0.1, epochs=2, iters_per_epoch=10, warmup_epochs=2)
+    args = rob_dino.get_args_parser().parse_args(["--data_path", "synthetic", "--epochs", "2", "--warmup_epochs", "2"])
+    with pytest.raises(ValueError, match="--warmup_epochs 2 leaves nothing of a 2-epoch run"):
+        rob_dino.check_args(args)  # refused before any schedule is built
 
 
 def test_param_groups_exclude_biases_and_norms_from_weight_decay():

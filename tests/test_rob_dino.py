@@ -13,8 +13,7 @@ import torch
 
 import common
 import rob_dino
-from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_script,
-                      without_key_bias)
+from conftest import ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_script
 
 DINO_TINY = OFFICIAL_TINY / "dino_tiny_full_checkpoint.pth"
 TINY_RUN = ["--student", "test_vit", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -147,23 +146,6 @@ def test_teacher_stays_frozen(tmp_path, small_folder, monkeypatch):
 
 def student_weights(output_dir):
     return common.load_file(output_dir / "checkpoint.pth")["student"]
-
-
-def test_two_processes_equal_one_process(tmp_path, small_folder):
-    """torchrun with 2 processes x 4 images = 1 process x 8 images: same loss, same weights after 3 steps."""
-    common_args = TINY_RUN + ["--data_path", small_folder, "--epochs", "1"]
-    run_script(["rob_dino.py", *common_args, "--batch_size_per_gpu", "8", "--output_dir", tmp_path / "one"])
-    run_script(["rob_dino.py", *common_args, "--batch_size_per_gpu", "4", "--output_dir", tmp_path / "two"], nproc=2)
-    logs = [json.loads((tmp_path / d / "log.txt").read_text()) for d in ("one", "two")]
-    assert logs[0]["step"] == logs[1]["step"] == 3
-    assert abs(logs[0]["train_loss"] - logs[1]["train_loss"]) < 1e-5
-    one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
-    for name in one:
-        torch.testing.assert_close(*without_key_bias(name, one[name], two[name]), atol=1e-5, rtol=0)
-    # not vacuous: the 3 steps moved the weights far more than the tolerance (lr 0 leaves the initial ones)
-    run_script(["rob_dino.py", *common_args, "--batch_size_per_gpu", "8", "--lr", "0", "--output_dir", tmp_path / "init"])
-    init = student_weights(tmp_path / "init")
-    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3
 
 
 def wait_for_step(log_path, proc, min_step, timeout=120):

@@ -15,8 +15,7 @@ import torch
 
 import common
 import rob_ibot
-from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_script,
-                      without_key_bias)
+from conftest import ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain
 
 IBOT_TINY = OFFICIAL_TINY / "ibot_tiny_checkpoint.pth"
 # test_vit student with the tiny teacher's patch size (16) at 64 px: a 4 x 4 patch grid
@@ -330,27 +329,6 @@ def test_ema_baseline_updates_its_teacher_and_teaches_rob(tmp_path, small_folder
 
 def student_weights(output_dir):
     return common.load_file(output_dir / "checkpoint.pth")["student"]
-
-
-def test_two_processes_equal_one_process(tmp_path, small_folder):
-    """torchrun with 2 processes x 4 images = 1 process x 8 images: same loss, same weights after 3 steps."""
-    # lr 0.02: at 0.05 AdamW turns the float32 rounding of 2 x 4 vs 8 into 1.01e-5 in one of the shared head's
-    # 4 M weights; 0.02 still moves the weights 100 times the tolerance (checked below)
-    common_args = TINY_RUN + ["--data_path", small_folder, "--epochs", "1", "--lr", "0.02"]
-    run_main(common_args + ["--batch_size_per_gpu", "8", "--output_dir", tmp_path / "one"])
-    run_script(["rob_ibot.py", *common_args, "--batch_size_per_gpu", "4", "--output_dir", tmp_path / "two"], nproc=2)
-    logs = [json.loads((tmp_path / d / "log.txt").read_text()) for d in ("one", "two")]
-    assert logs[0]["step"] == logs[1]["step"] == 3
-    for key in ("train_loss", "train_cls", "train_patch"):
-        assert abs(logs[0][key] - logs[1][key]) < 1e-5, key
-    one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
-    for name in one:
-        torch.testing.assert_close(*without_key_bias(name, one[name], two[name]), atol=1e-5, rtol=0)
-    # not vacuous: the 3 steps moved the weights (mask token included) far more than the tolerance
-    run_main(common_args + ["--batch_size_per_gpu", "8", "--lr", "0", "--output_dir", tmp_path / "init"])
-    init = student_weights(tmp_path / "init")
-    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3  # measured 1.4e-3 (mask token 1.2e-3)
-    assert (one["mask_token"] - init["mask_token"]).abs().max() > 1e-4
 
 
 def wait_for_step(log_path, proc, min_step, timeout=120):

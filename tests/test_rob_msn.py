@@ -317,27 +317,6 @@ def student_weights(output_dir):
     return common.load_file(output_dir / "checkpoint.pth")["student"]
 
 
-def test_two_processes_equal_one_process(tmp_path, small_folder, baseline_run):
-    """torchrun with 2 processes x 4 images = 1 process x 8 images: same loss, same weights after 3 steps.
-    (Token dropping off: its random draws depend on the process, as drop-path's do.)"""
-    args = TINY + ["--teacher", baseline_run / "checkpoint.pth", "--data_path", small_folder, "--epochs", "1",
-                   "--patch_drop", "0"]
-    run_script(["rob_msn.py", *args, "--batch_size_per_gpu", "8", "--output_dir", tmp_path / "one"])
-    run_script(["rob_msn.py", *args, "--batch_size_per_gpu", "4", "--output_dir", tmp_path / "two"], nproc=2)
-    logs = [json.loads((tmp_path / d / "log.txt").read_text()) for d in ("one", "two")]
-    assert logs[0]["step"] == logs[1]["step"] == 3
-    # fp32 sums in another order (per process, then all-reduced) on a loss of ~10: an absolute 1e-5 (1e-6 relative,
-    # a few fp32 ulps) was exceeded once by 1.02e-5, hence a relative bound; the weights below are the strict check
-    assert logs[1]["train_loss"] == pytest.approx(logs[0]["train_loss"], rel=1e-5, abs=0)
-    one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
-    for name in one:  # Adam turns float noise in near-zero gradients into up to lr-sized steps: 5e-5 of slack
-        torch.testing.assert_close(one[name], two[name], atol=5e-5, rtol=0)
-    run_script(["rob_msn.py", *args, "--batch_size_per_gpu", "8", "--lr", "0", "--start_lr", "0", "--output_dir",
-                tmp_path / "init"])
-    init = student_weights(tmp_path / "init")
-    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3  # not vacuous: the weights moved
-
-
 def wait_for_step(log_path, proc, min_step, timeout=120):
     """Poll the run's stderr (tqdm) until it reports at least `min_step` done steps of the current epoch."""
     deadline = time.time() + timeout
