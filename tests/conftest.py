@@ -27,6 +27,31 @@ def run_script(args, nproc=1, timeout=600, env=None, check=True):
     return result
 
 
+def run_in_process(args, check=True):
+    """What run_script does for one process, in this one: the script's run_main() entry point with these arguments,
+    one thread, its output captured. A process start costs 5-7 s (torchvision imports torch._dynamo), so tests that
+    need no process of their own (no signal, no kill, no copy of the files) run here."""
+    import contextlib
+    import importlib
+    import io
+    module = importlib.import_module(Path(str(args[0])).stem)
+    argv, threads, out, err = sys.argv, torch.get_num_threads(), io.StringIO(), io.StringIO()
+    sys.argv = [str(a) for a in args]
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.run_main()
+    except SystemExit as exited:
+        code = exited.code
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
 def make_image_folder(root, classes, per_class, offset=0):
     """An ImageFolder of real Fashion-MNIST PNGs: `classes` class folders of `per_class` images each."""
     import common

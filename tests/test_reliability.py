@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import common
 import rob_dino
-from conftest import ASSETS, OFFICIAL_TINY, ROOT, run_script, without_key_bias
+from conftest import ASSETS, OFFICIAL_TINY, ROOT, run_in_process, run_script, without_key_bias
 
 SMALL = ["--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2", "--num_workers", "0",
          "--drop_path_rate", "0", "--warmup_epochs", "0", "--saveckp_freq", "1", "--lr", "0.05", "--batch_size_per_gpu", "8"]
@@ -228,7 +228,7 @@ def test_a_finished_run_restores_a_missing_export(tmp_path, small_folder):
     assert in_process("rob_dino", args) == 0
     (tmp_path / "student_timm.pth").unlink()
     (tmp_path / ".checkpoint.pth.12345.tmp").write_bytes(b"")  # a killed writer's leftover
-    result = run_script(["rob_dino.py", *args])
+    result = run_in_process(["rob_dino.py", *args])
     assert "done; student backbone for timm" in result.stdout and (tmp_path / "student_timm.pth").is_file()
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -238,13 +238,13 @@ def test_a_diverging_step_is_never_saved(tmp_path, small_folder):
     written, the run stops with exit code 3 and one line."""
     args = flags("rob_dino", "rob", small_folder, tmp_path / "run", ["--epochs", "2", "--batch_size_per_gpu", "24",
                                                                       "--lr", "1e30"])
-    result = run_script(["rob_dino.py", *args], check=False)
+    result = run_in_process(["rob_dino.py", *args], check=False)
     assert result.returncode == 3 and "non-finite" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def test_resume_refuses_other_run_defining_flags_and_allows_more_epochs(tmp_path, small_folder):
+def test_resume_refuses_other_run_defining_flags_and_allows_more_epochs(tmp_path, small_folder, monkeypatch, capsys):
     base = flags("rob_dino", "rob", small_folder, tmp_path, ["--batch_size_per_gpu", "8"])
     assert in_process("rob_dino", base + ["--epochs", "1"]) == 0
     other_teacher = tmp_path.parent / "same_shape_teacher.pth"
@@ -252,10 +252,13 @@ def test_resume_refuses_other_run_defining_flags_and_allows_more_epochs(tmp_path
     for change, expected in [(["--batch_size_per_gpu", "4"], "--batch_size_per_gpu 8 -> 4"),
                              (["--teacher", other_teacher], "--teacher"),
                              (["--hidden_dim", "32"], "--hidden_dim 64 -> 32")]:
-        result = run_script(["rob_dino.py", *base, "--epochs", "2", *change], check=False)
-        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+        monkeypatch.setattr(sys, "argv", [str(a) for a in ["rob_dino.py", *base, "--epochs", "2", *change]])
+        with pytest.raises(SystemExit) as exited:  # the entry point, in this process
+            rob_dino.run_main()
+        stderr = capsys.readouterr().err
+        assert exited.value.code == 2 and expected in stderr and "Traceback" not in stderr, stderr
     assert common.load_file(tmp_path / "checkpoint.pth")["step"] == 3  # untouched
-    result = run_script(["rob_dino.py", *base, "--epochs", "2"])  # a longer run: allowed, the schedule recomputed
+    result = run_in_process(["rob_dino.py", *base, "--epochs", "2"])  # a longer run: allowed, the schedule recomputed
     assert "--epochs 1 -> 2" in result.stdout and common.load_file(tmp_path / "checkpoint.pth")["step"] == 6
 
 
@@ -322,8 +325,8 @@ def test_unwritable_output_dirs_fail_before_any_work(tmp_path, small_folder):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     start = time.time()
-    result = run_script(["rob_dino.py", *flags("rob_dino", "rob", small_folder, blocker / "run", ["--epochs", "1"])],
-                        check=False)
+    args = flags("rob_dino", "rob", small_folder, blocker / "run", ["--epochs", "1"])
+    result = run_in_process(["rob_dino.py", *args], check=False)
     assert result.returncode == 2 and "cannot create or write --output_dir" in result.stderr
     result = run_script(["eval_linear.py", "--checkpoint", ASSETS / "fmnist_dino_vit_nano.pth", "--knn",
                          "--output_dir", blocker / "eval"], check=False)

@@ -9,8 +9,6 @@ import statistics
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT
 
 RESULTS = ROOT / "reproduce" / "results" / "fashion_mnist"

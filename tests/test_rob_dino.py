@@ -13,7 +13,8 @@ import torch
 
 import common
 import rob_dino
-from conftest import ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_script
+from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_in_process,
+                      run_script)
 
 DINO_TINY = OFFICIAL_TINY / "dino_tiny_full_checkpoint.pth"
 TINY_RUN = ["--student", "test_vit", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -165,7 +166,7 @@ def launch(args, log_path):
 
 def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_folder):
     args = TINY_RUN + ["--data_path", small_folder, "--batch_size_per_gpu", "4", "--epochs", "8"]  # 48 steps
-    run_script(["rob_dino.py", *args, "--output_dir", tmp_path / "straight"])
+    run_in_process(["rob_dino.py", *args, "--output_dir", tmp_path / "straight"])
     reference = student_weights(tmp_path / "straight")
     rng = random.Random()
 
@@ -178,7 +179,7 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_folder):
     stopped = re.search(r"stopped by signal at step (\d+)", (tmp_path / "sigterm.log").read_text())
     assert stopped and 0 < int(stopped.group(1)) < 48, (tmp_path / "sigterm.log").read_text()[-2000:]
     assert common.load_file(out / "checkpoint.pth")["step"] == int(stopped.group(1))
-    resumed = run_script(["rob_dino.py", *args, "--output_dir", out])
+    resumed = run_in_process(["rob_dino.py", *args, "--output_dir", out])
     assert f"resumed from {out / 'checkpoint.pth'} at step {stopped.group(1)}" in resumed.stdout
     for name, tensor in student_weights(out).items():
         assert torch.equal(tensor, reference[name]), name
@@ -193,7 +194,7 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_folder):
         assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
         if (out / "checkpoint.pth").exists():
             assert common.load_file(out / "checkpoint.pth")["step"] < 48
-    run_script(["rob_dino.py", *args, "--output_dir", out])
+    run_in_process(["rob_dino.py", *args, "--output_dir", out])
     for name, tensor in student_weights(out).items():
         assert torch.equal(tensor, reference[name]), name
     logged = {json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()}
@@ -205,7 +206,7 @@ def test_compiled_step_gives_the_eager_loss_and_weights(tmp_path, small_folder):
     # lr 0.01: Adam turns the float-rounding differences of near-zero gradients into steps of up to lr * noise / eps
     args = TINY_RUN + ["--data_path", small_folder, "--batch_size_per_gpu", "8", "--epochs", "1", "--subset", "16",
                        "--lr", "0.01"]
-    run_script(["rob_dino.py", *args, "--output_dir", tmp_path / "eager"])
+    run_in_process(["rob_dino.py", *args, "--output_dir", tmp_path / "eager"])  # (inductor: in its own process)
     run_script(["rob_dino.py", *args, "--compile", "--output_dir", tmp_path / "compiled"])
     logs = [json.loads((tmp_path / d / "log.txt").read_text()) for d in ("eager", "compiled")]
     assert logs[0]["step"] == logs[1]["step"] == 2  # --subset 16: two steps of 8
@@ -239,12 +240,12 @@ def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path, small_fo
     teacher.write_bytes(DINO_TINY.read_bytes())
     args = TINY_RUN[:] + ["--data_path", small_folder, "--batch_size_per_gpu", "8", "--output_dir", tmp_path / "run"]
     args[args.index(DINO_TINY)] = teacher
-    run_script(["rob_dino.py", *args, "--epochs", "1"])  # a good epoch: checkpoint at step 3
+    run_in_process(["rob_dino.py", *args, "--epochs", "1"])  # a good epoch: checkpoint at step 3
     before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
     poisoned = common.load_file(teacher)
     poisoned["teacher"]["head.mlp.0.bias"][0] = float("nan")  # the teacher's outputs, hence the loss, become NaN
     torch.save(poisoned, teacher)  # the same file (other flags would be refused on resume)
-    result = run_script(["rob_dino.py", *args, "--epochs", "2"], check=False)  # resumes at step 3, then NaN
+    result = run_in_process(["rob_dino.py", *args, "--epochs", "2"], check=False)  # resumes at step 3, then NaN
     assert result.returncode == 3
     assert re.search(r"non-finite loss nan at step 3\b", result.stderr), result.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before

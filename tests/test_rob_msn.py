@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 import common
 import rob_msn
-from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain,
-                      run_script)
+from conftest import ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_in_process
 
 MSN_TINY = OFFICIAL_TINY / "msn_tiny.pth.tar"
 TINY = ["--student", "test_vit", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -49,8 +48,8 @@ def in_process(args):
 def baseline_run(tmp_path_factory, small_folder):
     """A plain-MSN (--teacher ema) run of 2 epochs: its checkpoint is the RoB teacher of the training tests."""
     out = tmp_path_factory.mktemp("msn_baseline")
-    run_script(["rob_msn.py", *TINY, "--teacher", "ema", "--data_path", small_folder, "--batch_size_per_gpu", "8",
-                "--epochs", "2", "--output_dir", out])
+    run_in_process(["rob_msn.py", *TINY, "--teacher", "ema", "--data_path", small_folder, "--batch_size_per_gpu", "8",
+                    "--epochs", "2", "--output_dir", out])
     return out
 
 
@@ -283,8 +282,8 @@ def test_baseline_and_student_checkpoints_are_rob_teachers(baseline_run, tmp_pat
             assert torch.equal(tensor, ckpt["teacher"][name]), name
     assert not torch.equal(ckpt["teacher"]["backbone.cls_token"], ckpt["student"]["backbone.cls_token"])  # an EMA
     # a RoB-MSN student trained by it teaches in turn, through its logits at the student temperature
-    run_script(["rob_msn.py", *TINY, "--teacher", baseline_run / "checkpoint.pth", "--data_path", small_folder,
-                "--batch_size_per_gpu", "8", "--epochs", "1", "--output_dir", tmp_path])
+    run_in_process(["rob_msn.py", *TINY, "--teacher", baseline_run / "checkpoint.pth", "--data_path", small_folder,
+                    "--batch_size_per_gpu", "8", "--epochs", "1", "--output_dir", tmp_path])
     student_teacher = rob_msn.load_teacher(str(tmp_path / "checkpoint.pth"))
     assert student_teacher.prototypes is None and student_teacher.head[-1].out_features == 1024
     student_sd = common.load_file(tmp_path / "checkpoint.pth")["student"]
@@ -336,7 +335,7 @@ def test_baseline_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_fold
     """The plain-MSN baseline, which has the most state (EMA target encoder with BN statistics, prototypes,
     token drop on): SIGTERM or SIGKILL mid-run, rerun, and the result is bitwise the uninterrupted run's."""
     args = TINY + ["--teacher", "ema", "--data_path", small_folder, "--batch_size_per_gpu", "4", "--epochs", "4"]
-    run_script(["rob_msn.py", *args, "--output_dir", tmp_path / "straight"])
+    run_in_process(["rob_msn.py", *args, "--output_dir", tmp_path / "straight"])
     reference = common.load_file(tmp_path / "straight" / "checkpoint.pth")
     rng = random.Random()
 
@@ -355,7 +354,7 @@ def test_baseline_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_fold
     stopped = re.search(r"stopped by signal at step (\d+)", (tmp_path / "sigterm.log").read_text())
     assert stopped and 0 < int(stopped.group(1)) < 24, (tmp_path / "sigterm.log").read_text()[-2000:]
     assert common.load_file(out / "checkpoint.pth")["step"] == int(stopped.group(1))
-    resumed = run_script(["rob_msn.py", *args, "--output_dir", out])
+    resumed = run_in_process(["rob_msn.py", *args, "--output_dir", out])
     assert f"resumed from {out / 'checkpoint.pth'} at step {stopped.group(1)}" in resumed.stdout
     assert_same_as_reference(out)
 
@@ -368,7 +367,7 @@ def test_baseline_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_fold
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
     if (out / "checkpoint.pth").exists():
         assert common.load_file(out / "checkpoint.pth")["step"] < 24
-    run_script(["rob_msn.py", *args, "--output_dir", out])
+    run_in_process(["rob_msn.py", *args, "--output_dir", out])
     assert_same_as_reference(out)
     logged = {json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()}
     assert logged == set(range(4))

@@ -17,7 +17,7 @@ import torch
 
 import common
 import rob_swav
-from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain,
+from conftest import (ASSETS, KNN_MARGIN, OFFICIAL_SCHEMAS, OFFICIAL_TINY, ROOT, rob_knn_gain, run_in_process,
                       run_script)
 
 SWAV_TINY = OFFICIAL_TINY / "swav_tiny_rn_1111.pth.tar"
@@ -28,19 +28,6 @@ TINY_RUN = ["--student", "test_resnet", "--global_crops_size", "32", "--local_cr
 
 def parse(args):
     return argparse.ArgumentParser(parents=[rob_swav.get_args_parser()]).parse_args([str(a) for a in args])
-
-
-def run_in_process(args):
-    """rob_swav.main in this process (its signal handlers are restored afterwards)."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): tiny ops, many processes
-    try:
-        rob_swav.main(parse(args))
-    finally:
-        torch.set_num_threads(threads)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------- Sinkhorn
@@ -265,8 +252,8 @@ def test_teacher_stays_frozen(tmp_path, small_folder, monkeypatch):
     loaded = {}
     real_load = rob_swav.load_teacher
     monkeypatch.setattr(rob_swav, "load_teacher", lambda *a: loaded.setdefault("teacher", real_load(*a)))
-    run_in_process(TINY_RUN + ["--data_path", small_folder, "--batch_size_per_gpu", "8", "--epochs", "2",
-                               "--use_teacher_prototypes", "--teacher_crops", "2", "--output_dir", tmp_path])
+    run_in_process(["rob_swav.py", *TINY_RUN, "--data_path", small_folder, "--batch_size_per_gpu", "8", "--epochs", "2",
+                    "--use_teacher_prototypes", "--teacher_crops", "2", "--output_dir", tmp_path])
     teacher, fresh = loaded["teacher"], real_load(str(SWAV_TINY))
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert len(teacher.state_dict()) == len(fresh.state_dict())
@@ -283,7 +270,7 @@ def test_own_prototypes_are_frozen_first_then_trained_on_the_unit_sphere(tmp_pat
     prototypes = {}
     for name, extra in [("init", ["--lr", "0"]), ("frozen", ["--freeze_prototypes_niters", "6"]),
                         ("trained", ["--freeze_prototypes_niters", "3"])]:
-        run_in_process(args + extra + ["--output_dir", tmp_path / name])
+        run_in_process(["rob_swav.py"] + args + extra + ["--output_dir", tmp_path / name])
         prototypes[name] = common.load_file(tmp_path / name / "checkpoint.pth")["student"]["head.prototypes.weight"]
         torch.testing.assert_close(prototypes[name].norm(dim=1), torch.ones(30), atol=1e-6, rtol=0)
     assert torch.equal(prototypes["frozen"], prototypes["init"])
@@ -299,13 +286,13 @@ def test_collapse_warning_at_ln_k_names_the_fix():
     assert "(now 0.03, e.g. 0.025;" in rob_swav.collapse_warning(math.log(100), 100, 0.03)  # not into underflow
 
 
-def test_plain_run_warns_when_its_loss_sits_at_ln_k(tmp_path, small_folder, capsys):
+def test_plain_run_warns_when_its_loss_sits_at_ln_k(tmp_path, small_folder):
     """A student temperature so high that every prediction is uniform: the loss is ln K whatever the codes."""
     plain = ["--teacher", "self", "--nmb_prototypes", "30", "--feat_dim", "8", "--hidden_mlp", "32",
              "--student_temp", "1e4", "--freeze_prototypes_niters", "0"]
-    run_in_process(TINY_RUN + plain + ["--data_path", small_folder, "--batch_size_per_gpu", "4", "--epochs", "1",
-                                       "--output_dir", tmp_path])
-    assert f"sits at ln 30 = {math.log(30):.4f}: plain SwAV has collapsed" in capsys.readouterr().out
+    result = run_in_process(["rob_swav.py", *TINY_RUN, *plain, "--data_path", small_folder, "--batch_size_per_gpu", "4",
+                             "--epochs", "1", "--output_dir", tmp_path])
+    assert f"sits at ln 30 = {math.log(30):.4f}: plain SwAV has collapsed" in result.stdout
 
 
 def test_baseline_checkpoint_teaches_a_rob_student(tmp_path, small_folder):
@@ -323,7 +310,8 @@ def test_baseline_checkpoint_teaches_a_rob_student(tmp_path, small_folder):
     for name, tensor in teacher.state_dict().items():
         assert torch.equal(tensor, ckpt["student"][name]), name
     torch.testing.assert_close(teacher.head.prototypes.weight.norm(dim=1), torch.ones(40), atol=1e-6, rtol=0)
-    run_in_process(common_args + ["--teacher", tmp_path / "self" / "checkpoint.pth", "--output_dir", tmp_path / "rob"])
+    run_in_process(["rob_swav.py", *common_args, "--teacher", tmp_path / "self" / "checkpoint.pth", "--output_dir",
+                    tmp_path / "rob"])
     student = common.load_file(tmp_path / "rob" / "checkpoint.pth")["student"]
     assert student["head.prototypes.weight"].shape == (40, 8)
     assert json.loads((tmp_path / "rob" / "log.txt").read_text())["step"] == 6
@@ -359,7 +347,7 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_folder):
     """BN student, LARS momentum, queue (in use from step 8) and prototypes frozen for 10 steps all resume."""
     args = TINY_RUN + ["--data_path", small_folder, "--batch_size_per_gpu", "4", "--epochs", "8",  # 48 steps
                        "--queue_length", "8", "--epoch_queue_starts", "1", "--freeze_prototypes_niters", "10"]
-    run_in_process(args + ["--output_dir", tmp_path / "straight"])
+    run_in_process(["rob_swav.py"] + args + ["--output_dir", tmp_path / "straight"])
     reference = checkpoint(tmp_path / "straight")
     rng = random.Random()
 
@@ -372,7 +360,7 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_folder):
     stopped = re.search(r"stopped by signal at step (\d+)", (tmp_path / "sigterm.log").read_text())
     assert stopped and 0 < int(stopped.group(1)) < 48, (tmp_path / "sigterm.log").read_text()[-2000:]
     assert checkpoint(out)["step"] == int(stopped.group(1))
-    resumed = run_script(["rob_swav.py", *args, "--output_dir", out])
+    resumed = run_in_process(["rob_swav.py", *args, "--output_dir", out])
     assert f"resumed from {out / 'checkpoint.pth'} at step {stopped.group(1)}" in resumed.stdout
     assert_same_state(out, reference)
 
@@ -386,7 +374,7 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, small_folder):
         assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
         if (out / "checkpoint.pth").exists():
             assert checkpoint(out)["step"] < 48
-    run_script(["rob_swav.py", *args, "--output_dir", out])
+    run_in_process(["rob_swav.py", *args, "--output_dir", out])
     assert_same_state(out, reference)
     logged = {json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()}
     assert logged == set(range(8))  # every epoch logged (one killed between log and checkpoint is logged twice)
