@@ -10,7 +10,7 @@ install:  ## the pinned requirements (+ Debian's Fashion-MNIST when it is missin
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
 	  echo "Fashion-MNIST will be downloaded by torchvision on first use"
 
-test: install  ## the test suite, two tests at a time (one thread each): about 9 minutes on 2 CPU cores
+test: install  ## the test suite, two tests at a time (one thread each): about 7 minutes on 2 CPU cores
 	$(PYTHON) -m pip install -q pytest pytest-xdist scikit-image==0.26.0  # (scikit-image: the transfer tasks' photographs)
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest tests -q -m "not slow" -n 2
 
