@@ -18,7 +18,7 @@ test-slow: install  ## the Fashion-MNIST training runs per method (18 minutes on
 	$(PYTHON) -m pip install -q pytest pytest-xdist
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest tests -q -m slow -n 2
 
-demo: install  ## RoB-DINO vs plain DINO on Fashion-MNIST from the shipped teacher, evaluated (CPU, about 8 minutes)
+demo: install  ## RoB-DINO vs plain DINO on Fashion-MNIST from the shipped teacher, evaluated (CPU, about 9 minutes)
 	bash reproduce/demo.sh
 
 teachers:  ## train the four Fashion-MNIST teachers again into assets/ (hours on 2 CPU cores, minutes on a GPU)
