@@ -415,8 +415,7 @@ def check_flags(args, positive=(), non_negative=(), fractions=()):
     if args.warmup_epochs >= args.epochs:
         raise common.UserError(f"--warmup_epochs {args.warmup_epochs} leaves nothing of a {args.epochs}-epoch run")
     if args.data_path is None:
-        raise common.UserError("--data_path is required: a folder of images, a list file, 'fashion-mnist' or "
-                               "'synthetic'")
+        raise common.UserError("--data_path is required: an image folder, a list file, 'fashion-mnist' or 'synthetic'")
 
 
 def new_run(args, device, student, arch, iters_per_epoch, optimizer=None, warmup_start=0.0, min_lr=None):
@@ -512,7 +511,8 @@ def locked_output_dir(path):
         path.mkdir(parents=True, exist_ok=True)
         lock = open(path / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed
-        os.posix_fallocate(lock.fileno(), 0, 4096)  # a full disk fails now, not at the first checkpoint
+        os.write(lock.fileno(), b" " * 4096)  # a full disk fails here (or at the fsync), not at the first checkpoint
+        os.fsync(lock.fileno())
         lock.truncate(0)
     except OSError as err:
         if lock is not None and not isinstance(err, BlockingIOError):  # ours: leave nothing behind

@@ -444,8 +444,7 @@ def test_a_full_disk_at_start_up_is_one_line_and_leaves_nothing(tmp_path, monkey
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(os, "fsync", no_space)  # eval_linear.py's check
-    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, length: no_space(fd))  # the scripts' lock file
+    monkeypatch.setattr(os, "fsync", no_space)
     (tmp_path / "existing").mkdir()
     for out in (tmp_path / "new", tmp_path / "existing"):
         with pytest.raises(common.UserError, match=r"cannot create or write --output_dir .*\(No space left on device"):
